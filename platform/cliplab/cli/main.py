@@ -1,0 +1,44 @@
+"""The ``cliplab`` command: a thin argparse front over the library.
+
+Each command group lives in its own module with a ``register(subparsers)`` function that adds
+its parser and sets ``func`` (called with the parsed args, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cliplab.errors import CliplabError
+
+GROUPS = ("data", "services", "train", "sweep", "eval", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="cliplab",
+        description="Contrastive image-text experiments on Ray: data, training, sweeps, eval.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in GROUPS:
+        importlib.import_module(f"cliplab.cli.{name}_cmd").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliplabError as err:
+        print(f"cliplab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cliplab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

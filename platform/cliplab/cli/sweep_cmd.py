@@ -1,0 +1,51 @@
+"""``cliplab sweep FILE``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a sweep file on Ray Tune",
+                       description="Run a sweep file (sweeps/*.py defining SWEEP) on Ray Tune: one "
+                                   "TorchTrainer per trial. The best trial is registered in MLflow "
+                                   "when the sweep names a model.")
+    p.add_argument("file", help="sweep file, e.g. sweeps/demo.py")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--no-register", action="store_true", help="do not register the best model")
+    p.set_defaults(func=run)
+
+
+def print_outcome(sweep, outcome) -> None:
+    from cliplab.report import markdown_table
+
+    columns = [("trial", "trial"), ("objective", "objective")]
+    columns += [(key.split(".")[-1], key) for key in sweep.space]
+    columns += [("val R@1 (i→t)", "val/image_to_text_R1"), ("val R@1 (t→i)", "val/text_to_image_R1"),
+                ("zero-shot top-1", "val/zeroshot_top1"), ("steps", "step")]
+    rows = [{"objective": sweep.base.objective.name, **r} for r in outcome.rows]
+    print(markdown_table(rows, columns))
+    if outcome.rows and "val/retrieval_chance_R1" in outcome.rows[0]:
+        r = outcome.rows[0]
+        chance_zs = 1 / r["val/zeroshot_num_classes"] if r.get("val/zeroshot_num_classes") else None
+        print(f"chance: R@1 = {r['val/retrieval_chance_R1']:.4f} ({int(r['val/num_samples'])} val pairs)"
+              + (f", zero-shot = {chance_zs:.4f} ({int(r['val/zeroshot_num_classes'])} classes)" if chance_zs else ""))
+    if outcome.best:
+        print(f"best trial: {outcome.best['trial']} ({sweep.metric} = {outcome.best[sweep.metric]:.4f})")
+    if outcome.registered:
+        reg = outcome.registered
+        print(f"registered: {reg['name']} version {reg['version']}, alias '{reg['alias']}' -> {reg['model_uri']}")
+    for err in outcome.errors:
+        print(f"trial error: {err}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cliplab.tune import load_sweep, run_sweep
+
+    sweep = load_sweep(args.file, args.overrides)
+    print(f"sweep {sweep.name}: {sweep.hypothesis.splitlines()[0] if sweep.hypothesis else ''}")
+    outcome = run_sweep(sweep, address=args.address, register=not args.no_register)
+    print_outcome(sweep, outcome)
+    return 0 if outcome.best and not outcome.errors else 1

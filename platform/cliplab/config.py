@@ -1,0 +1,337 @@
+"""One frozen, typed config tree for an experiment.
+
+Every component owns a small frozen dataclass; the CLI (``--set a.b=v``), experiment files and
+Tune search spaces all address it by dotted keys. :func:`validate` runs before any Ray work, so
+an unknown key, a wrong type or an out-of-range value fails in the driver with one line.
+
+Credentials never live here: S3 keys come from the standard AWS environment/profile chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cliplab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Where ``s3://`` URLs live. Keys come from AWS_* env vars or ``profile``, never from here."""
+
+    endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL, then AWS itself
+    region: str = "us-east-1"
+    profile: str | None = None
+    connect_timeout_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Shards in img2dataset layout: ``{key}.jpg|png|webp``, ``{key}.txt``, ``{key}.json``.
+
+    ``train``/``val`` are a brace-expanded shard list (``s3://b/p/train-{000000..000009}.tar``),
+    a directory or prefix holding ``*.tar`` files, or a single tar.
+    """
+
+    train: str = ""
+    val: str | None = None
+    s3: S3Config = field(default_factory=S3Config)
+    batch_size: int = 64  # per worker
+    seed: int = 0
+    shuffle_files: bool = True
+    label_key: str | None = "group"  # json field used as the zero-shot class, if present
+    cpus_per_task: float = 0.5  # Ray Data read/decode tasks; fractional so they fit beside workers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An open_clip architecture by name, or one of cliplab's bundled JSON configs."""
+
+    name: str = "cliplab-tiny"
+    pretrained: str | None = None  # a local open_clip checkpoint file; never a hub download
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which contrastive objective, and its hyperparameters (see ``shared/objectives.md``)."""
+
+    name: str = "clip"
+    temperature: float = 0.07  # τ at init; s = 1/τ is stored as log s
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0  # clamp s to [1, max_logit_scale]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear-warmup cosine schedule, in steps."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 20
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop and its Ray Train resources."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional, so Ray Data's read tasks are not starved
+    gpus_per_worker: float = 1.0
+    checkpoint_every: int = 50  # steps; a final checkpoint is always written
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every_epoch: bool = True
+    seed: int = 0
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Retrieval on the val split, and zero-shot over the ``data.label_key`` classes."""
+
+    templates: tuple[str, ...] = ("a photo of {}.",)
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow. ``uri`` None means MLFLOW_TRACKING_URI, else tracking is off (no-op tracker)."""
+
+    uri: str | None = None
+    experiment: str = "cliplab"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The root of the tree."""
+
+    name: str = "cliplab"
+    storage_path: str = ".cliplab/runs"  # local dir or s3:// for checkpoints and Ray results
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass, with type checks
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and coerce where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+    return ConfigError(f"unknown config key '{prefix}{name}'{hint}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build the dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in known:
+            raise _unknown_key(cls, name, prefix)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The nested plain-dict form (tuples become lists), as written to YAML/JSON and MLflow."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3" -> ("train.lr", 0.001)``; values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """A copy of ``cfg`` with dotted-key overrides applied and type-checked."""
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        node = data
+        cls = type(cfg)
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            prefix = ".".join(parts[:i]) + ("." if i else "")
+            if part not in {f.name for f in dataclasses.fields(cls)}:
+                raise _unknown_key(cls, part, prefix)
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                sub = typing.get_type_hints(cls)[part]
+                if not _is_dataclass_type(sub):
+                    raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+                node, cls = node[part], sub
+    return from_dict(type(cfg), data)
+
+
+# --------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment from YAML (the tree as a mapping) or Python (a module-level ``CONFIG``),
+    apply ``--set`` overrides and validate. Raises :class:`ConfigError` with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+        cfg = from_dict(ExperimentConfig, data)
+    elif path.suffix == ".py":
+        cfg = getattr(load_python_file(path), "CONFIG", None)
+        if not isinstance(cfg, ExperimentConfig):
+            raise ConfigError(f"{path}: must define CONFIG = ExperimentConfig(...)")
+    else:
+        raise ConfigError(f"{path}: config files are .yaml, .yml or .py")
+    cfg = with_overrides(cfg, dict(parse_override(o) for o in overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def load_python_file(path: Path) -> types.ModuleType:
+    """Import a Python file (an experiment or sweep) as a module."""
+    spec = importlib.util.spec_from_file_location(f"cliplab_user_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as err:  # user code: report where it broke, in one line
+        raise ConfigError(f"{path}: failed to import: {type(err).__name__}: {err}") from None
+    return module
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Value checks that types alone can't express. Cheap: touches no network or Ray."""
+    from cliplab.objectives import OBJECTIVES
+
+    checks = [
+        (bool(cfg.data.train), "data.train is empty: point it at the training shards"),
+        (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (contrastive needs negatives)"),
+        (cfg.objective.name in OBJECTIVES,
+         f"objective.name '{cfg.objective.name}' is not one of {sorted(OBJECTIVES)}"),
+        (0 < cfg.objective.temperature <= 1, "objective.temperature must be in (0, 1]"),
+        (cfg.objective.max_logit_scale >= 1, "objective.max_logit_scale must be >= 1"),
+        (1 / cfg.objective.temperature <= cfg.objective.max_logit_scale,
+         "objective.temperature is below 1/max_logit_scale; it would be clamped at once"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (cfg.data.cpus_per_task > 0, "data.cpus_per_task must be > 0"),
+        (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
+        (cfg.train.cpus_per_worker > 0, "train.cpus_per_worker must be > 0"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (all("{}" in t for t in cfg.eval.templates) and len(cfg.eval.templates) > 0,
+         "eval.templates must be a non-empty list of strings containing '{}'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

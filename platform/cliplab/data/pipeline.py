@@ -1,0 +1,134 @@
+"""Ray Data pipeline: webdataset shards → decode → open_clip transform → tokenize, in CPU tasks.
+
+Ray Data's ``iter_torch_batches`` can't convert string columns, so tokenizing happens here, in
+``map_batches``, and the train stream carries only arrays: ``image`` (float32, C×H×W) and
+``text`` (int64 token ids). The val stream keeps ``caption`` and ``label`` strings for eval,
+which is read with ``iter_batches(batch_format="numpy")``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from cliplab.data.sources import ShardSet
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@lru_cache(maxsize=4)
+def _transforms(model_name: str, train: bool):
+    """open_clip's transform and tokenizer for ``model_name``, built once per worker process."""
+    import open_clip
+
+    from cliplab.models import _register_bundled_configs
+
+    _register_bundled_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model '{model_name}'")
+    size = cfg["vision_cfg"]["image_size"]
+    transform = open_clip.image_transform(size, is_train=train)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return transform, tokenizer
+
+
+def _image_bytes(batch: dict[str, Any], i: int) -> bytes | None:
+    for ext in IMAGE_EXTS:
+        col = batch.get(ext)
+        if col is not None and col[i] is not None:
+            return col[i]
+    return None
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    text = text.strip()
+    return text or None
+
+
+def decode_batch(batch: dict[str, Any], *, model_name: str, train: bool, label_key: str | None) -> dict[str, np.ndarray]:
+    """Decode one Ray Data batch of raw webdataset columns. Unusable samples are dropped with
+    a warning naming shard and key (the Data issue turns this into counted metrics)."""
+    from PIL import Image
+
+    transform, tokenizer = _transforms(model_name, train)
+    keys, images, captions, labels = [], [], [], []
+    n = len(batch["__key__"])
+    for i in range(n):
+        key = batch["__key__"][i]
+        where = f"{batch.get('__url__', ['?'] * n)[i]}:{key}"
+        raw = _image_bytes(batch, i)
+        try:
+            caption = _text(batch["txt"][i]) if "txt" in batch else None
+        except UnicodeDecodeError:
+            caption = None
+        if raw is None or caption is None:
+            log.warning("skipping %s: missing %s", where, "image" if raw is None else "caption")
+            continue
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                images.append(transform(im.convert("RGB")).numpy())
+        except Exception as err:  # corrupt image: skip, never stop training
+            log.warning("skipping %s: undecodable image (%s)", where, err)
+            continue
+        keys.append(key)
+        captions.append(caption)
+        label = ""
+        if label_key and "json" in batch and batch["json"][i] is not None:
+            try:
+                label = str(json.loads(batch["json"][i]).get(label_key, ""))
+            except (ValueError, AttributeError):
+                label = ""
+        labels.append(label)
+    c, h, w = images[0].shape if images else (3, 1, 1)
+    out: dict[str, np.ndarray] = {
+        "key": np.array(keys, dtype=object),
+        "image": np.stack(images) if images else np.zeros((0, c, h, w), np.float32),
+    }
+    if train:
+        out["text"] = tokenizer(captions).numpy().astype(np.int64) if captions else np.zeros((0, 1), np.int64)
+        del out["key"]
+    else:
+        out["caption"] = np.array(captions, dtype=object)
+        out["label"] = np.array(labels, dtype=object)
+    return out
+
+
+def count_samples(shards: ShardSet) -> int:
+    """Samples in ``shards`` (rows of the raw webdataset read, nothing decoded)."""
+    import ray.data
+
+    return ray.data.read_webdataset(list(shards.paths), filesystem=shards.filesystem, decoder=None).count()
+
+
+def build_dataset(shards: ShardSet, *, model_name: str, train: bool, label_key: str | None,
+                  shuffle_files: bool = False, seed: int = 0, cpus_per_task: float = 1.0):
+    """A lazy Ray Dataset over ``shards``: read raw bytes, then decode/transform/tokenize."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    ds = ray.data.read_webdataset(
+        list(shards.paths),
+        filesystem=shards.filesystem,
+        decoder=None,
+        include_paths=False,
+        shuffle=FileShuffleConfig(seed=seed) if shuffle_files else None,
+        num_cpus=cpus_per_task,
+    )
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={"model_name": model_name, "train": train, "label_key": label_key},
+        batch_size=64,
+        batch_format="numpy",
+        num_cpus=cpus_per_task,
+    )

@@ -1,0 +1,80 @@
+"""open_clip models: any architecture by name, or cliplab's bundled JSON configs, random init.
+
+Pretrained weights only ever come from a local file (nothing downloads at run time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cliplab.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@dataclass
+class ModelBundle:
+    """The model plus the pieces the data pipeline and eval need."""
+
+    model: nn.Module
+    train_transform: Callable
+    val_transform: Callable
+    tokenizer: Callable
+    context_length: int
+
+
+def _register_bundled_configs() -> None:
+    import open_clip
+
+    if "cliplab-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def build_model(cfg) -> ModelBundle:
+    """Build from a :class:`cliplab.config.ModelConfig`.
+
+    open_clip's own ``logit_scale`` is frozen: the objective owns its learnable scalars.
+    """
+    import open_clip
+
+    _register_bundled_configs()
+    if cfg.name not in open_clip.list_models():
+        raise ConfigError(f"model.name '{cfg.name}' is not an open_clip architecture; "
+                          f"see open_clip.list_models() or add a JSON config to {CONFIG_DIR}")
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"model.pretrained '{cfg.pretrained}' is not a local file")
+    model, train_tf, val_tf = open_clip.create_model_and_transforms(
+        cfg.name, pretrained=cfg.pretrained, output_dict=True
+    )
+    for name in ("logit_scale", "logit_bias"):
+        param = getattr(model, name, None)
+        if isinstance(param, nn.Parameter):
+            param.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(cfg.name)
+    return ModelBundle(model, train_tf, val_tf, tokenizer, tokenizer.context_length)
+
+
+class DualEncoder(nn.Module):
+    """The open_clip model and the objective under one module, so DDP syncs both.
+
+    ``forward`` returns raw (unnormalised) features; the objective maps them into its geometry.
+    """
+
+    def __init__(self, model: nn.Module, objective: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            self.model.encode_image(images, normalize=False),
+            self.model.encode_text(texts, normalize=False),
+        )
+
+    def state_for_export(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "objective": self.objective.state_dict()}

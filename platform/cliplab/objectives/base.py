@@ -1,0 +1,51 @@
+"""The objective interface every contrastive loss implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cliplab.distributed import DistContext
+
+
+@dataclass
+class LossOutput:
+    """The scalar to backprop, and named terms worth logging (detached by the caller)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """An ``nn.Module`` owning its learnable scalars (none of which get weight decay).
+
+    - :meth:`loss`: local image/text features (B × D) plus optional per-sample ``extras``
+      → :class:`LossOutput`, exact under data parallelism through ``ctx``.
+    - :meth:`embed` / :meth:`similarity`: the map into the objective's geometry and its score,
+      used by evaluation so every objective is judged in its own space.
+    - :meth:`metrics`: scalars to log. :meth:`clamp_`: applied after every optimizer step.
+    """
+
+    def loss(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        ctx: DistContext,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> LossOutput:
+        raise NotImplementedError
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Project learnable scalars back into their allowed range."""

@@ -1,0 +1,67 @@
+"""cliplab models as MLflow pyfunc: images and/or texts in, embeddings (and similarity) out.
+
+Input: a DataFrame with a ``text`` column (strings) and/or an ``image`` column (raw bytes or
+base64 strings). Output: a DataFrame with ``image_embedding`` / ``text_embedding`` (lists, in
+the objective's geometry) and, when both are given, ``similarity`` per row.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import mlflow.pyfunc
+
+
+def _image_bytes(value) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return base64.b64decode(value)
+
+
+class CliplabPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pathlib import Path
+
+        from cliplab.models import DualEncoder, build_model
+        from cliplab.objectives import build_objective
+        from cliplab.train.checkpoint import load_config, load_weights
+
+        path = Path(context.artifacts["checkpoint"])
+        cfg = load_config(path)
+        bundle = build_model(cfg.model)
+        self.module = DualEncoder(bundle.model, build_objective(cfg.objective))
+        load_weights(path, self.module)
+        self.module.eval()
+        self.bundle = bundle
+
+    def embed_images(self, images: list[bytes]):
+        import torch
+        from PIL import Image
+
+        batch = torch.stack([self.bundle.val_transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+        with torch.no_grad():
+            return self.module.objective.embed(self.module.model.encode_image(batch, normalize=False))
+
+    def embed_texts(self, texts: list[str]):
+        import torch
+
+        with torch.no_grad():
+            tokens = self.bundle.tokenizer(texts)
+            return self.module.objective.embed(self.module.model.encode_text(tokens, normalize=False))
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        out = pd.DataFrame(index=model_input.index)
+        img = txt = None
+        if "image" in model_input:
+            img = self.embed_images([_image_bytes(v) for v in model_input["image"]])
+            out["image_embedding"] = [row.tolist() for row in img]
+        if "text" in model_input:
+            txt = self.embed_texts([str(v) for v in model_input["text"]])
+            out["text_embedding"] = [row.tolist() for row in txt]
+        if img is not None and txt is not None:
+            sim = self.module.objective.similarity(img, txt).diagonal()
+            out["similarity"] = sim.tolist()
+        return out

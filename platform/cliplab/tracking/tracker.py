@@ -1,0 +1,122 @@
+"""The tracker protocol. Training code logs through it from rank 0 only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from cliplab.errors import ServiceError
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NoOpTracker:
+    """Logs nothing: non-zero ranks and runs with tracking off."""
+
+    run_id: str | None = None
+
+    def log_params(self, params): pass
+    def log_metrics(self, metrics, step): pass
+    def set_tags(self, tags): pass
+    def log_artifact(self, path, artifact_path=None): pass
+    def finish(self, status="FINISHED"): pass
+
+
+class InMemoryTracker:
+    """Keeps everything in lists and dicts, for unit tests of training code."""
+
+    run_id: str | None = "in-memory"
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+        self.status: str | None = None
+
+    def log_params(self, params): self.params.update(params)
+    def log_metrics(self, metrics, step): self.metrics.append((step, dict(metrics)))
+    def set_tags(self, tags): self.tags.update(tags)
+    def log_artifact(self, path, artifact_path=None): self.artifacts.append((str(path), artifact_path))
+    def finish(self, status="FINISHED"): self.status = status
+
+
+class MlflowTracker:
+    """One MLflow run, through an explicit client (no global ``mlflow.start_run`` state)."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str | None = None,
+                 tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        if run_id is not None:
+            self.run_id = run_id
+            return
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+
+    def log_params(self, params):
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics, step):
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags):
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path, artifact_path=None):
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status="FINISHED"):
+        self.client.set_terminated(self.run_id, status)
+
+
+def tracking_uri(cfg) -> str | None:
+    """The configured URI, else ``MLFLOW_TRACKING_URI``, else None (tracking off)."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast (before Ray work) when an http(s) tracking server does not answer."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            if resp.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as err:
+        raise ServiceError(f"MLflow tracking server {uri} is unreachable ({getattr(err, 'reason', err)}); "
+                           "start one with `cliplab services mlflow` or fix tracking.uri / "
+                           "MLFLOW_TRACKING_URI") from None
+    raise ServiceError(f"MLflow tracking server {uri} answered /health with an error")
+
+
+def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
+    """An MLflow tracker on rank 0 when a URI is configured; a no-op tracker otherwise."""
+    uri = tracking_uri(cfg)
+    if rank != 0 or not uri:
+        return NoOpTracker()
+    return MlflowTracker(uri, cfg.experiment, run_name=run_name or cfg.run_name, tags=tags)

@@ -1,0 +1,1 @@
+"""Training: the Ray-free step (``step``), the worker loop (``worker``) and launch (``launch``)."""

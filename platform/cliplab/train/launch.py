@@ -1,0 +1,123 @@
+"""Turn a validated config into a Ray Train ``TorchTrainer`` and run it."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cliplab.config import ExperimentConfig, to_dict
+from cliplab.data.sources import ShardSet, resolve_shards
+from cliplab.errors import DataError
+from cliplab.tracking.tracker import check_reachable, tracking_uri
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything checked in the driver before Ray work: shards and the tracking server."""
+
+    cfg: ExperimentConfig
+    train: ShardSet
+    val: ShardSet | None
+
+
+def preflight(cfg: ExperimentConfig) -> Prepared:
+    """Resolve shards and ping MLflow: fails in seconds, with one line, before any Ray work."""
+    train = resolve_shards(cfg.data.train, cfg.data.s3)
+    val = resolve_shards(cfg.data.val, cfg.data.s3) if cfg.data.val else None
+    check_reachable(tracking_uri(cfg.tracking))
+    return Prepared(cfg, train, val)
+
+
+def storage_path(cfg: ExperimentConfig) -> str:
+    path = cfg.storage_path
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def build_datasets(prep: Prepared) -> dict[str, Any]:
+    from cliplab.data.pipeline import build_dataset
+
+    cfg = prep.cfg
+    common = {"model_name": cfg.model.name, "label_key": cfg.data.label_key,
+              "cpus_per_task": cfg.data.cpus_per_task}
+    datasets = {"train": build_dataset(prep.train, train=True, shuffle_files=cfg.data.shuffle_files,
+                                       seed=cfg.data.seed, **common)}
+    if prep.val is not None:
+        datasets["val"] = build_dataset(prep.val, train=False, **common)
+    return datasets
+
+
+def steps_per_epoch(cfg: ExperimentConfig, shards: ShardSet) -> int:
+    """Optimizer steps per epoch: every rank gets an equal split and drops its last partial batch.
+    Counts samples with a raw read (no decoding)."""
+    from cliplab.data.pipeline import count_samples
+
+    rows = count_samples(shards)
+    steps = math.floor(rows / cfg.train.num_workers / cfg.data.batch_size)
+    if steps < 1:
+        raise DataError(f"{cfg.data.train}: {rows} readable samples are fewer than one batch of "
+                        f"{cfg.data.batch_size} per worker × {cfg.train.num_workers} workers; "
+                        "lower data.batch_size or add data")
+    return steps
+
+
+def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps: int,
+                  callbacks: list | None = None, extra: dict[str, Any] | None = None):
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cliplab.train.worker import train_loop_per_worker
+
+    cfg = prep.cfg
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": to_dict(cfg), "steps_per_epoch": steps, **(extra or {})},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks or [],
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def unique_name(stem: str) -> str:
+    """A fresh run name: Ray Train resumes a run whose name already exists in storage."""
+    import time
+
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to ``address``/``RAY_ADDRESS``, or start a local Ray (as ``ray.init`` does)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+
+
+def run_training(cfg: ExperimentConfig, *, address: str | None = None, name: str | None = None):
+    """``cliplab train``: preflight, then one TorchTrainer run. Returns the Ray Train Result."""
+    prep = preflight(cfg)
+    init_ray(address)
+    datasets = build_datasets(prep)
+    steps = steps_per_epoch(cfg, prep.train)
+    trainer = build_trainer(prep, name=name or unique_name(cfg.name), datasets=datasets, steps=steps)
+    return trainer.fit()

@@ -1,0 +1,115 @@
+"""The per-worker training loop: the only place that calls ``ray.train``."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cliplab.config import ExperimentConfig, flatten, from_dict, to_dict
+from cliplab.distributed import DistContext
+from cliplab.eval import evaluate_embeddings
+from cliplab.models import DualEncoder, build_model
+from cliplab.objectives import build_objective
+from cliplab.tracking import build_tracker
+from cliplab.train import checkpoint as ckpt
+from cliplab.train.step import build_optimizer, cosine_with_warmup, train_step, unwrap
+
+
+def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
+    import ray.train
+
+    val = ray.train.get_dataset_shard("val") if cfg.data.val else None
+    if val is None:
+        return {}
+    module = unwrap(model)
+    module.eval()
+
+    def encode_texts(texts):
+        return module.model.encode_text(bundle.tokenizer(texts), normalize=False)
+
+    batches = val.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
+    return evaluate_embeddings(lambda im: module.model.encode_image(im, normalize=False),
+                               encode_texts, module.objective, batches, cfg.eval.templates)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("root").setLevel(logging.WARNING)  # open_clip logs model creation at INFO
+    cfg: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.train.seed)
+
+    bundle = build_model(cfg.model)
+    module = DualEncoder(bundle.model, build_objective(cfg.objective))
+    optimizer = build_optimizer(module, cfg.optim)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * config["steps_per_epoch"]
+    scheduler = cosine_with_warmup(optimizer, cfg.optim.warmup_steps, total_steps)
+    step, start_epoch = 0, 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            ckpt.load_weights(Path(d), module)
+            state = ckpt.load_trainer_state(Path(d))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, start_epoch = state["step"], state["epoch"]
+    model = ray.train.torch.prepare_model(module)
+    ctx = DistContext.current()
+
+    trial = config.get("trial_name") or cfg.tracking.run_name or cfg.name
+    tracker = build_tracker(cfg.tracking, rank=rank, run_name=trial,
+                            tags={"objective": cfg.objective.name, "model": cfg.model.name,
+                                  "dataset": cfg.data.train, "sweep": config.get("sweep", "")})
+    tracker.log_params({**flatten(to_dict(cfg)), "train.world_size": ctx.world_size})
+
+    def report(metrics: dict, with_checkpoint: bool, epoch: int) -> None:
+        metrics = {**metrics, "step": step, "epoch": epoch, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                ckpt.save_checkpoint(Path(tmp), unwrap(model), optimizer, scheduler,
+                                     step=step, epoch=epoch, cfg=cfg)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    shard = ray.train.get_dataset_shard("train")
+    metrics: dict[str, float] = {}
+    done = step >= total_steps
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if done:
+            break
+        t0, seen = time.perf_counter(), 0
+        for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=4 * cfg.data.batch_size,
+                                              local_shuffle_seed=cfg.data.seed + epoch):
+            metrics = train_step(model, batch, optimizer, scheduler, ctx)
+            step += 1
+            seen += len(batch["image"])
+            if step % cfg.train.log_every == 0:
+                metrics["train/samples_per_s_per_worker"] = seen / (time.perf_counter() - t0)
+                tracker.log_metrics(metrics, step)
+            done = step >= total_steps
+            if step % cfg.train.checkpoint_every == 0 and not done:
+                report(metrics, with_checkpoint=True, epoch=epoch)
+            if done:
+                break
+        last = done or epoch == cfg.train.epochs - 1
+        if cfg.train.eval_every_epoch or last:
+            metrics = {**metrics, **(_evaluate(model, bundle, cfg) if rank == 0 else {})}
+            tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step)
+        if not last:
+            report(metrics, with_checkpoint=False, epoch=epoch)
+    report(metrics, with_checkpoint=True, epoch=epoch + 1)
+    tracker.finish()

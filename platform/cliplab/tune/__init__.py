@@ -1,0 +1,5 @@
+"""Sweeps as code: a sweep file defines ``SWEEP = Sweep(...)``; :func:`run_sweep` runs it on Tune."""
+
+from cliplab.tune.sweep import Sweep, SweepOutcome, load_sweep, run_sweep
+
+__all__ = ["Sweep", "SweepOutcome", "load_sweep", "run_sweep"]
