@@ -10,7 +10,16 @@ yourself on any corpus with `cliplab sweep sweeps/demo.py --set data.train=... -
 
 from ray import tune
 
-from cliplab.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig, TrackingConfig
+from cliplab.config import (
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from cliplab.tune import Sweep
 
 BASE = ExperimentConfig(

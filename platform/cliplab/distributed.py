@@ -21,7 +21,7 @@ class DistContext:
     world_size: int = 1
 
     @classmethod
-    def current(cls) -> "DistContext":
+    def current(cls) -> DistContext:
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()

@@ -5,9 +5,10 @@ Pretrained weights only ever come from a local file (nothing downloads at run ti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -105,7 +105,7 @@ def _trial_name(trial) -> str:
 def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True) -> SweepOutcome:
     from ray import tune
 
-    from cliplab.train.launch import build_datasets, init_ray, preflight, steps_per_epoch, storage_path
+    from cliplab.train.launch import init_ray, preflight, steps_per_epoch, storage_path
 
     prep = preflight(sweep.base)
     init_ray(address)

@@ -1,0 +1,68 @@
+"""The config tree: loading, overrides, type checks and validation, all before any Ray work."""
+
+import pytest
+
+from cliplab.config import ExperimentConfig, flatten, load_experiment, parse_override, to_dict, with_overrides
+from cliplab.errors import ConfigError
+
+
+def test_override_types_and_nesting():
+    cfg = with_overrides(ExperimentConfig(), {"optim.lr": 1e-3, "train.max_steps": 5,
+                                              "eval.templates": ["a {}"], "data.s3.endpoint_url": "http://x:1"})
+    assert cfg.optim.lr == 1e-3
+    assert cfg.train.max_steps == 5
+    assert cfg.eval.templates == ("a {}",)
+    assert cfg.data.s3.endpoint_url == "http://x:1"
+    assert ExperimentConfig().optim.lr != 1e-3  # frozen defaults untouched
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert with_overrides(ExperimentConfig(), {"optim.lr": 1}).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        with_overrides(ExperimentConfig(), {"train.epochs": 1.5})
+    with pytest.raises(ConfigError, match="expected true/false"):
+        with_overrides(ExperimentConfig(), {"train.use_gpu": "yes"})
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'.*"):
+        with_overrides(ExperimentConfig(), {"optim.learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match="did you mean 'objective.temperature'"):
+        with_overrides(ExperimentConfig(), {"objective.temprature": 0.1})
+
+
+def test_parse_override_yaml_scalars():
+    assert parse_override("train.lr=1e-3") == ("train.lr", 1e-3)
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")
+
+
+def test_yaml_roundtrip_and_validation(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  train: /data/train\noptim:\n  lr: 0.01\n")
+    cfg = load_experiment(path, ["train.epochs=3"])
+    assert cfg.data.train == "/data/train" and cfg.optim.lr == 0.01 and cfg.train.epochs == 3
+    flat = flatten(to_dict(cfg))
+    assert flat["optim.lr"] == 0.01 and flat["data.s3.region"] == "us-east-1"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: [unclosed\n", "malformed YAML"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("data:\n  train: x\nobjective:\n  name: nope\n", "objective.name 'nope'"),
+    ("data:\n  train: x\n  batch_size: 1\n", "batch_size must be >= 2"),
+    ("optim:\n  lr: 0.1\n", "data.train is empty"),
+])
+def test_bad_configs_fail_with_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_experiment(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_experiment(tmp_path / "nope.yaml")
