@@ -11,7 +11,7 @@ import sys
 
 from cliplab.errors import CliplabError
 
-GROUPS = ("data", "services", "train", "sweep", "eval", "demo")
+GROUPS = ("data", "services", "train", "sweep", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="cliplab",
-        description="Contrastive image-text experiments on Ray: data, training, sweeps, eval.",
+        description="Contrastive image-text experiments on Ray: data, training, sweeps.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in GROUPS:

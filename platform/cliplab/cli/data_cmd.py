@@ -1,0 +1,80 @@
+"""``cliplab data emoji|build|upload``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="build and upload webdataset shards",
+                       description="Shards in img2dataset layout: {key}.png|jpg|webp, {key}.txt, {key}.json.")
+    data = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    emoji = data.add_parser("emoji", help="render the Noto Color Emoji demo corpus into shards",
+                            description="Render Noto Color Emoji with their names into train/val shards, "
+                                        "with group/subgroup metadata and stats.json.")
+    emoji.add_argument("--out", type=Path, required=True, help="output directory")
+    emoji.add_argument("--image-px", type=int, default=128, help="image side in pixels (default 128)")
+    emoji.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in val (default 0.1)")
+    emoji.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    emoji.add_argument("--samples-per-shard", type=int, default=500, help="default 500")
+    emoji.set_defaults(func=run_emoji)
+
+    build = data.add_parser("build", help="shards from a folder of image+caption files or a CSV/Parquet",
+                            description="Turn a folder of name.jpg|png|webp + name.txt pairs, or a CSV/Parquet "
+                                        "of (image path, caption), into train/val shards with stats.json. "
+                                        "Bad pairs are skipped and counted by reason.")
+    build.add_argument("src", type=Path, help="a folder, a .csv or a .parquet file")
+    build.add_argument("--out", type=Path, required=True, help="output directory")
+    build.add_argument("--image-col", default="image", help="table column of image paths (default image)")
+    build.add_argument("--caption-col", default="caption", help="table column of captions (default caption)")
+    build.add_argument("--val-fraction", type=float, default=0.05, help="share of samples in val (default 0.05)")
+    build.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    build.add_argument("--samples-per-shard", type=int, default=1000, help="default 1000")
+    build.add_argument("--workers", type=int, default=4, help="parallel image checks (default 4)")
+    build.set_defaults(func=run_build)
+
+    upload = data.add_parser("upload", help="copy a shard directory to s3://",
+                             description="Copy every file under DIR to s3://BUCKET/PREFIX/. The endpoint comes "
+                                         "from --endpoint-url or AWS_ENDPOINT_URL, keys from AWS_* or a profile.")
+    upload.add_argument("dir", type=Path, help="local shard directory")
+    upload.add_argument("url", help="s3://bucket/prefix")
+    upload.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    upload.set_defaults(func=run_upload)
+
+
+def _summary(stats: dict, out: Path) -> None:
+    splits = ", ".join(f"{name} {s['samples']} in {len(s['shards'])} shards" for name, s in stats["splits"].items())
+    skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()) or "none"
+    print(f"wrote {stats['samples']} samples to {out}: {splits}; skipped: {skipped}")
+    print(f"stats: {out / 'stats.json'}")
+
+
+def run_emoji(args: argparse.Namespace) -> int:
+    from cliplab.data.emoji import build_emoji_corpus
+
+    stats = build_emoji_corpus(args.out, image_px=args.image_px, val_fraction=args.val_fraction, seed=args.seed,
+                               samples_per_shard=args.samples_per_shard)
+    _summary(stats, args.out)
+    print(f"groups: {', '.join(f'{g} ({n})' for g, n in stats['groups'].items())}")
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from cliplab.data.shards import build_shards
+
+    stats = build_shards(args.src, args.out, image_col=args.image_col, caption_col=args.caption_col,
+                         val_fraction=args.val_fraction, seed=args.seed,
+                         samples_per_shard=args.samples_per_shard, workers=args.workers)
+    _summary(stats, args.out)
+    return 0
+
+
+def run_upload(args: argparse.Namespace) -> int:
+    from cliplab.config import S3Config
+    from cliplab.data.sources import upload
+
+    n = upload(args.dir, args.url, S3Config(endpoint_url=args.endpoint_url))
+    print(f"uploaded {n} files to {args.url.rstrip('/')}/")
+    return 0

@@ -1,0 +1,157 @@
+"""The demo corpus: Noto Color Emoji rendered with Pillow, captioned by name, with a hierarchy.
+
+Images come from Debian's ``fonts-noto-color-emoji``; names from the PyPI ``emoji`` package;
+the group/subgroup hierarchy and the emoji list from Unicode's ``emoji-test.txt`` (Debian's
+``unicode-data``). Skin-tone variants are skipped (near-duplicate images with near-duplicate
+captions) and counted. Keys come from the codepoints, so the corpus is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cliplab.data.shards import Sample, deterministic_split, write_splits
+from cliplab.errors import DataError
+
+FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+FONT_SIZE = 109  # the only bitmap size of this CBDT font
+SKIN_TONES = {0x1F3FB, 0x1F3FC, 0x1F3FD, 0x1F3FE, 0x1F3FF}
+_LINE = re.compile(r"^([0-9A-F ]+?)\s*;\s*fully-qualified\s*#\s*\S+\s+E[\d.]+\s+(.+)$")
+
+
+@dataclass(frozen=True)
+class EmojiEntry:
+    codepoints: tuple[int, ...]
+    name: str
+    group: str
+    subgroup: str
+
+    @property
+    def char(self) -> str:
+        return "".join(map(chr, self.codepoints))
+
+    @property
+    def key(self) -> str:
+        return "u" + "_".join(f"{c:x}" for c in self.codepoints)
+
+
+def read_emoji_test(path: Path = EMOJI_TEST) -> list[EmojiEntry]:
+    """Fully-qualified emoji with their Unicode group and subgroup."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: install Debian's unicode-data package "
+                        "(apt-get install unicode-data; `make setup` does it)")
+    entries, group, subgroup = [], "", ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        elif line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+        elif m := _LINE.match(line):
+            cps = tuple(int(c, 16) for c in m.group(1).split())
+            entries.append(EmojiEntry(cps, m.group(2).strip(), group, subgroup))
+    return entries
+
+
+def caption_for(entry: EmojiEntry) -> str:
+    """The PyPI ``emoji`` package's English name (``:red_apple:`` → ``red apple``), else Unicode's."""
+    import emoji
+
+    data = emoji.EMOJI_DATA.get(entry.char)
+    if data and data.get("en"):
+        return data["en"].strip(":").replace("_", " ")
+    return entry.name
+
+
+def _render(args: tuple[str, int | None, str]) -> bytes | None:
+    """PNG bytes of one emoji on a white square, or None when the font has no glyph for it."""
+    from PIL import Image, ImageDraw
+
+    char, image_px, font_path = args
+    font = _font(font_path)
+    canvas = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).text((10, 10), char, font=font, embedded_color=True)
+    bbox = canvas.getbbox()
+    if bbox is None:
+        return None
+    glyph = canvas.crop(bbox)
+    side = max(glyph.size)
+    square = Image.new("RGB", (side, side), (255, 255, 255))
+    square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2), glyph)
+    if image_px:
+        square = square.resize((image_px, image_px), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    square.save(buf, "PNG", optimize=False)
+    return buf.getvalue()
+
+
+_FONTS: dict[str, Any] = {}
+
+
+def _font(path: str):
+    from PIL import ImageFont
+
+    if path not in _FONTS:
+        _FONTS[path] = ImageFont.truetype(path, FONT_SIZE)
+    return _FONTS[path]
+
+
+def build_emoji_corpus(out_dir: str | Path, *, image_px: int | None = 128, val_fraction: float = 0.1,
+                       seed: int = 0, samples_per_shard: int = 500, font_path: Path = FONT,
+                       limit: int | None = None, workers: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Render the corpus into ``out_dir/{train,val}/*.tar`` plus ``stats.json``.
+
+    Every group gets val samples: the split is by key hash within each group, and a group whose
+    hash split left no val sample gives its first key to val.
+    """
+    from tqdm import tqdm
+
+    if not Path(font_path).is_file():
+        raise DataError(f"{font_path} not found: install Debian's fonts-noto-color-emoji "
+                        "(apt-get install fonts-noto-color-emoji; `make setup` does it)")
+    skipped: Counter = Counter()
+    entries = []
+    for entry in read_emoji_test():
+        if SKIN_TONES & set(entry.codepoints):
+            skipped["skin_tone_variant"] += 1
+        elif entry.group == "Component":
+            skipped["component"] += 1
+        else:
+            entries.append(entry)
+    entries = entries[:limit] if limit else entries
+    notdef = _render(("\U000E0FFF", image_px, str(font_path)))  # an unassigned codepoint: the tofu glyph
+
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        images = list(tqdm(pool.map(_render, [(e.char, image_px, str(font_path)) for e in entries], chunksize=32),
+                           total=len(entries), desc="rendering emoji", unit="img", disable=not progress))
+    rendered = []
+    for entry, png in zip(entries, images, strict=True):
+        if png is None or png == notdef:
+            skipped["not_in_font"] += 1
+            continue
+        rendered.append((entry, png))
+
+    val_keys = {e.key for e, _ in rendered if deterministic_split(e.key, val_fraction, seed) == "val"}
+    by_group: dict[str, list[str]] = {}
+    for e, _ in rendered:
+        by_group.setdefault(e.group, []).append(e.key)
+    for keys in by_group.values():
+        if not val_keys & set(keys):
+            val_keys.add(sorted(keys)[0])
+
+    samples = (Sample(e.key, png, "png", caption_for(e),
+                      {"name": caption_for(e), "unicode_name": e.name, "group": e.group, "subgroup": e.subgroup,
+                       "codepoints": [f"U+{c:04X}" for c in e.codepoints]})
+               for e, png in rendered)
+    groups = Counter(e.group for e, _ in rendered)
+    return write_splits(samples, Path(out_dir), val_fraction=val_fraction, seed=seed,
+                        samples_per_shard=samples_per_shard, skipped=skipped,
+                        split_of=lambda s: "val" if s.key in val_keys else "train",
+                        extra_stats={"source": "Noto Color Emoji", "groups": dict(sorted(groups.items())),
+                                     "subgroups": len({e.subgroup for e, _ in rendered})})

@@ -1,0 +1,146 @@
+"""A subprocess-backed local service: start, wait for health, stop cleanly.
+
+Services bind 127.0.0.1 only, run in their own process group (so stopping them stops their
+children too) and write their output to ``ROOT/service.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cliplab.errors import ServiceError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def venv_binary(name: str) -> str:
+    """``name`` next to this Python (the venv's bin/), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(f"'{name}' not found next to {sys.executable} or on PATH; run `make setup`")
+    return found
+
+
+class Service:
+    """Subclasses set ``name`` and implement :meth:`command` and :meth:`healthy`."""
+
+    name = "service"
+    start_timeout_s = 60.0
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    # to override -----------------------------------------------------------------------
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def healthy(self) -> bool:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    # lifecycle ---------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.root / "service.log"
+
+    def start(self) -> Service:
+        if self.proc is not None:
+            return self
+        if port_open(self.port):
+            raise ServiceError(f"{self.name}: port {self.port} on 127.0.0.1 is already in use; "
+                               "pick another with --port (0 = any free port)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self._log = log
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                     env=self.environment(), start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._cleanup()
+                raise ServiceError(f"{self.name} exited with code {self.proc.returncode} while starting: "
+                                   f"{self._last_log_line()} (log: {self.log_path})")
+            if self.healthy():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServiceError(f"{self.name} did not become healthy within {self.start_timeout_s:.0f} s: "
+                           f"{self._last_log_line()} (log: {self.log_path})")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left. Idempotent."""
+        proc = self.proc
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                # the leader is gone; make sure no child of the group lingers
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            break
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self.proc = None
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
+            self._log = None
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return "no log"
+        return lines[-1][:300] if lines else "empty log"
+
+    def wait(self) -> None:
+        """Block until Ctrl-C or until the service exits; then stop it."""
+        try:
+            while self.proc is not None and self.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,67 @@
+"""A local Ray head node (``ray start --head --block``) with its dashboard, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from cliplab.services.base import Service, free_port, port_open, venv_binary
+
+
+class RayService(Service):
+    """A Ray cluster of one node. Stopping it stops only this instance's processes."""
+
+    name = "Ray head"
+
+    def __init__(self, root: Path, port: int | None = None, dashboard_port: int | None = None,
+                 num_cpus: int | None = None) -> None:
+        super().__init__(root, port)
+        self.dashboard_port = dashboard_port or free_port()
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        # Ray's unix socket paths must stay short: keep its temp dir under /tmp
+        self.temp_dir = Path(tempfile.gettempdir()) / f"cliplab-ray-{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def command(self) -> list[str]:
+        ports = {f"--{flag}": str(free_port()) for flag in (
+            "object-manager-port", "node-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
+        return [venv_binary("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                "--port", str(self.port), "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
+                "--num-cpus", str(self.num_cpus), "--temp-dir", str(self.temp_dir),
+                "--disable-usage-stats", *[x for kv in ports.items() for x in kv]]
+
+    def environment(self) -> dict[str, str]:
+        return {**super().environment(), "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+                "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def healthy(self) -> bool:
+        if not port_open(self.port):
+            return False
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=1) as resp:
+                return resp.status in (200, 401, 403)
+        except urllib.error.HTTPError as err:
+            return err.code in (401, 403)  # up, behind token auth
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        super().stop(timeout_s)
+        import shutil
+
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def env(self) -> dict[str, str]:
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
+                "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
