@@ -6,6 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cliplab-installed
 FONT   := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+UNICODE := /usr/share/unicode/emoji/emoji-test.txt
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export HF_HUB_OFFLINE := 1
@@ -15,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup demo demo-quick test test-fast lint clean
 
-setup: $(STAMP) $(FONT)
+setup: $(STAMP) $(FONT) $(UNICODE)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +26,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-$(FONT):
+# the emoji font (images) and Unicode's emoji-test.txt (the group/subgroup hierarchy)
+$(FONT) $(UNICODE):
 	$(SUDO) apt-get update -q
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q fonts-noto-color-emoji
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q fonts-noto-color-emoji unicode-data
 
 demo: setup
 	$(BIN)/cliplab demo

@@ -70,22 +70,26 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
             if quick:
                 sweep = _quick(sweep)
             print(f"[4/5] sweep {sweep_file}: {len(list(_grid_points(sweep.space)))} trials on Ray Tune")
-            outcome = run_sweep(sweep, address=ray_svc.address)
-            print("[5/5] results\n")
-            print_outcome(sweep, outcome)
-            print(f"\nMLflow UI:     {mlflow_svc.uri}  (experiment '{sweep.base.tracking.experiment}')")
-            print(f"Ray dashboard: {ray_svc.dashboard_url}")
-            print(f"finished in {time.perf_counter() - t0:.0f} s")
-            if keep:
-                print("services stay up; press Ctrl-C to stop them")
-                try:
-                    while True:
-                        time.sleep(3600)
-                except KeyboardInterrupt:
-                    pass
-            else:
-                print(f"services stopped; browse the runs again with "
-                      f"`cliplab services mlflow --dir {workdir / 'services' / 'mlflow'}`")
+            try:
+                outcome = run_sweep(sweep, address=ray_svc.address)
+                print("[5/5] results\n")
+                print_outcome(sweep, outcome)
+                print(f"\nMLflow UI:     {mlflow_svc.uri}  (experiment '{sweep.base.tracking.experiment}')")
+                print(f"Ray dashboard: {ray_svc.dashboard_url}")
+                print(f"finished in {time.perf_counter() - t0:.0f} s")
+                if keep:
+                    print("services stay up; press Ctrl-C to stop them")
+                    try:
+                        while True:
+                            time.sleep(3600)
+                    except KeyboardInterrupt:
+                        pass
+            finally:
+                import ray
+
+                ray.shutdown()  # disconnect before the cluster goes away
+    print(f"services stopped; browse the runs again with "
+          f"`cliplab services mlflow --dir {workdir / 'services' / 'mlflow'}`")
     return {"outcome": outcome, "sweep": sweep}
 
 

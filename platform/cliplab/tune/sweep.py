@@ -9,6 +9,7 @@ be registered in MLflow (see :mod:`cliplab.tracking.registry`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     from cliplab.train.launch import init_ray, preflight, steps_per_epoch, storage_path
 
     prep = preflight(sweep.base)
+    # checkpoint and per-epoch reports come before the first eval, so not every result has the metric
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(address)
     steps = steps_per_epoch(sweep.base, prep.train)
     trainable = tune.with_parameters(

@@ -1,0 +1,75 @@
+"""Embedded services: start, health, stop, and a second instance beside the first."""
+
+import os
+import subprocess
+import sys
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from cliplab.errors import ServiceError
+from cliplab.services import MlflowService, RayService, S3Service
+from cliplab.services.base import port_open
+
+
+def _pids_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.s3
+def test_s3_two_instances_credentials_and_clean_stop(s3_server, tmp_path):
+    with S3Service(tmp_path / "second", buckets=("other",), access_key="k2", secret_key="s2") as second:
+        assert second.port != s3_server.port and second.healthy() and s3_server.healthy()
+        client = second.client()
+        client.put_object(Bucket="other", Key="a/b.txt", Body=b"hello")
+        assert client.get_object(Bucket="other", Key="a/b.txt")["Body"].read() == b"hello"
+        wrong = boto3.client("s3", endpoint_url=second.endpoint, aws_access_key_id="k2",
+                             aws_secret_access_key="wrong", region_name="us-east-1")
+        with pytest.raises(ClientError):
+            wrong.list_buckets()
+        pid, port = second.proc.pid, second.port
+    assert not _pids_alive(pid)
+    assert not port_open(port)
+    assert s3_server.healthy()  # the first instance is untouched
+
+
+@pytest.mark.mlflow
+def test_mlflow_logs_and_a_second_instance_keeps_its_own_store(mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.create_experiment("services-test")
+    run = client.create_run(exp).info.run_id
+    client.log_metric(run, "m", 1.5, step=3)
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "m")] == [(3, 1.5)]
+
+    root = tmp_path / "second"
+    with MlflowService(root) as second:
+        assert second.port != mlflow_server.port
+        assert MlflowClient(second.uri).get_experiment_by_name("services-test") is None
+        MlflowClient(second.uri).create_experiment("persisted")
+        pid = second.proc.pid
+    assert not _pids_alive(pid) and not second.healthy()
+    with MlflowService(root) as again:  # restarting on the same directory keeps the store
+        assert MlflowClient(again.uri).get_experiment_by_name("persisted") is not None
+
+
+@pytest.mark.ray
+def test_ray_head_runs_a_task_from_another_process_and_stops(tmp_path):
+    with RayService(tmp_path / "ray", num_cpus=1) as svc:
+        code = "import ray; ray.init(); print(ray.get(ray.remote(lambda: 6 * 7).remote()))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **svc.env()})
+        assert proc.stdout.strip().endswith("42"), proc.stderr[-2000:]
+        pid, port = svc.proc.pid, svc.port
+    assert not _pids_alive(pid) and not port_open(port)
+
+
+def test_port_in_use_is_a_clear_error(s3_server, tmp_path):
+    with pytest.raises(ServiceError, match=f"port {s3_server.port} on 127.0.0.1 is already in use"):
+        MlflowService(tmp_path, port=s3_server.port).start()

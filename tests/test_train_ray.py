@@ -1,0 +1,41 @@
+"""A real 2-worker Ray Train run (gloo DDP) reading shards from the local S3 server, logging to a
+real mlflow server."""
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import experiment
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.mlflow]
+
+
+def test_two_worker_run_writes_checkpoints_and_mlflow_metrics(tmp_path, s3_server, mlflow_server, ray_cluster):
+    from cliplab.train.checkpoint import load_config, load_trainer_state
+    from cliplab.train.launch import run_training
+
+    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"train.max_steps": 4, "train.checkpoint_every": 2})
+    result = run_training(cfg, name="two-workers")
+    assert result.error is None
+    metrics = result.metrics
+    assert metrics["step"] == 4
+    assert metrics["val/num_samples"] > 0 and 0.0 <= metrics["val/image_to_text_R1"] <= 1.0
+
+    # checkpoints: the one at step 2 and the final one, each complete
+    ckpt_dirs = sorted(p for p in (Path(cfg.storage_path) / "two-workers").glob("checkpoint_*"))
+    assert len(ckpt_dirs) == 2
+    final = Path(result.checkpoint.path)
+    assert {"model.pt", "objective.pt", "trainer.pt", "config.json"} <= {p.name for p in final.iterdir()}
+    assert load_trainer_state(final)["step"] == 4
+    assert load_config(final) == cfg
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.data.params["train.world_size"] == "2"
+    assert run.data.params["objective.name"] == "clip"
+    assert run.data.tags["objective"] == "clip"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4]
+    assert client.get_metric_history(run.info.run_id, "val/image_to_text_R1")[-1].step == 4
+    assert run.info.status == "FINISHED"
