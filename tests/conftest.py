@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_TELEMETRY_DISABLED", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when ray is first imported; local clusters use tokens
 
 REPO = Path(__file__).resolve().parents[1]
 EMOJI_LIMIT = 400  # a slice of the corpus keeps integration tests quick

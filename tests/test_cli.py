@@ -85,3 +85,21 @@ def test_bad_override_on_sweep(tmp_path):
     sweep = Path(__file__).parents[1] / "sweeps" / "demo.py"
     line = _run_fails_fast(["sweep", str(sweep), "--set", "optim.lrr=1"], tmp_path)
     assert "did you mean 'optim.lr'" in line
+
+
+def test_data_build_command_writes_shards_and_prints_a_summary(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "pairs"
+    src.mkdir()
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (8, 8), color).save(src / f"{i}.jpg")
+        (src / f"{i}.txt").write_text(f"a {color} tile")
+    (src / "3.jpg").write_bytes(b"garbage")
+    (src / "3.txt").write_text("broken")
+    proc = subprocess.run([*CLIPLAB, "data", "build", str(src), "--out", str(tmp_path / "out"),
+                           "--val-fraction", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 3 samples" in proc.stdout and "corrupt_image 1" in proc.stdout
+    assert (tmp_path / "out" / "train" / "train-000000.tar").is_file()
+    assert (tmp_path / "out" / "stats.json").is_file()

@@ -23,7 +23,7 @@ def test_two_worker_run_writes_checkpoints_and_mlflow_metrics(tmp_path, s3_serve
     assert metrics["val/num_samples"] > 0 and 0.0 <= metrics["val/image_to_text_R1"] <= 1.0
 
     # checkpoints: the one at step 2 and the final one, each complete
-    ckpt_dirs = sorted(p for p in (Path(cfg.storage_path) / "two-workers").glob("checkpoint_*"))
+    ckpt_dirs = sorted(p for p in (Path(cfg.storage_path) / "two-workers").glob("checkpoint_*") if p.is_dir())
     assert len(ckpt_dirs) == 2
     final = Path(result.checkpoint.path)
     assert {"model.pt", "objective.pt", "trainer.pt", "config.json"} <= {p.name for p in final.iterdir()}

@@ -94,25 +94,25 @@ class Service:
         raise ServiceError(f"{self.name} did not become healthy within {self.start_timeout_s:.0f} s: "
                            f"{self._last_log_line()} (log: {self.log_path})")
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left. Idempotent."""
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after ``timeout_s``, and wait until
+        every process of the group is gone. Idempotent."""
         proc = self.proc
         if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
             try:
-                os.killpg(proc.pid, sig)
+                os.killpg(proc.pid, signal.SIGKILL)  # children that outlived the leader
             except ProcessLookupError:
                 break
-            try:
-                proc.wait(timeout=wait)
-                # the leader is gone; make sure no child of the group lingers
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            break
+            proc.poll()
+            time.sleep(0.1)
         self._cleanup()
 
     def _cleanup(self) -> None:

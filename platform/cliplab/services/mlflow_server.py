@@ -32,5 +32,8 @@ class MlflowService(Service):
         except OSError:
             return False
 
+    def stop(self, timeout_s: float = 3.0) -> None:
+        super().stop(timeout_s)  # its job-runner children ignore SIGTERM for a long while
+
     def env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.uri}

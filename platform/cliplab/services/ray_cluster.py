@@ -42,7 +42,7 @@ class RayService(Service):
                 "--disable-usage-stats", *[x for kv in ports.items() for x in kv]]
 
     def environment(self) -> dict[str, str]:
-        return {**super().environment(), "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+        return {**super().environment(), "RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
                 "RAY_USAGE_STATS_ENABLED": "0"}
 
     def healthy(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from typing import Any
 
 import cliplab
@@ -25,7 +26,9 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str, *, uri: str
         local = Checkpoint(checkpoint_path).to_directory(tmp)
         example = pd.DataFrame({"text": ["an example caption"]})
         signature = infer_signature(example, pd.DataFrame({"text_embedding": [[0.0, 1.0]]}))
-        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"):
+        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # type-hint and cloudpickle advice
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=CliplabPyfunc(),

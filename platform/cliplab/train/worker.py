@@ -85,11 +85,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     metrics: dict[str, float] = {}
-    done = step >= total_steps
     epoch = start_epoch
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if done:
-            break
+    while epoch < cfg.train.epochs and step < total_steps:
         t0, seen = time.perf_counter(), 0
         for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
                                               local_shuffle_buffer_size=4 * cfg.data.batch_size,
@@ -100,16 +97,17 @@ def train_loop_per_worker(config: dict) -> None:
             if step % cfg.train.log_every == 0:
                 metrics["train/samples_per_s_per_worker"] = seen / (time.perf_counter() - t0)
                 tracker.log_metrics(metrics, step)
-            done = step >= total_steps
-            if step % cfg.train.checkpoint_every == 0 and not done:
-                report(metrics, with_checkpoint=True, epoch=epoch)
-            if done:
+            if step >= total_steps:
                 break
-        last = done or epoch == cfg.train.epochs - 1
+            if step % cfg.train.checkpoint_every == 0:
+                report(metrics, with_checkpoint=True, epoch=epoch)
+        epoch += 1
+        last = epoch >= cfg.train.epochs or step >= total_steps
         if cfg.train.eval_every_epoch or last:
             metrics = {**metrics, **(_evaluate(model, bundle, cfg) if rank == 0 else {})}
             tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step)
         if not last:
             report(metrics, with_checkpoint=False, epoch=epoch)
-    report(metrics, with_checkpoint=True, epoch=epoch + 1)
+    # the final report always carries a checkpoint (what sweeps register) and the final eval
+    report(metrics, with_checkpoint=True, epoch=epoch)
     tracker.finish()
