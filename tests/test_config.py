@@ -66,3 +66,37 @@ def test_bad_configs_fail_with_one_line(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_experiment(tmp_path / "nope.yaml")
+
+
+def _sweep_file(tmp_path, space: str):
+    path = tmp_path / "s.py"
+    path.write_text(
+        '"""Hypothesis: a test."""\n'
+        "from ray import tune\n"
+        "from cliplab.config import ExperimentConfig, DataConfig\n"
+        "from cliplab.tune import Sweep\n"
+        f"SWEEP = Sweep(base=ExperimentConfig(data=DataConfig(train='x')), space={space})\n"
+    )
+    return path
+
+
+def test_sweep_file_loads_with_hypothesis_and_trial_count(tmp_path):
+    from cliplab.tune import load_sweep
+
+    sweep = load_sweep(_sweep_file(tmp_path, "{'objective.temperature': tune.grid_search([0.07, 0.03]),"
+                                             " 'optim.lr': tune.grid_search([1e-3, 2e-3, 3e-3])}"),
+                       ["train.epochs=2"])
+    assert sweep.num_trials == 6
+    assert sweep.hypothesis == "Hypothesis: a test."
+    assert sweep.base.train.epochs == 2 and sweep.name == "s"
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{'objective.temperature': tune.grid_search([0.07, 2.0])}", "objective.temperature must be in"),
+    ("{'optim.lrate': tune.choice([1e-3])}", "unknown config key 'optim.lrate'; valid keys: lr,"),
+])
+def test_sweep_space_is_validated_before_any_ray_work(tmp_path, space, message):
+    from cliplab.tune import load_sweep
+
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_sweep_file(tmp_path, space))

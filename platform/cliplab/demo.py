@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from cliplab.config import S3Config
+from cliplab.config import S3Config, with_overrides
 from cliplab.errors import ConfigError
 
 BUCKET = "cliplab"
@@ -24,8 +24,6 @@ def _quick(sweep):
     """Fewer trials and steps for ``--quick``: the first swept key only, and a short run."""
     first = next(iter(sweep.space))
     base_overrides = {"train.epochs": 1, "train.max_steps": 8}
-    from cliplab.config import with_overrides
-
     return dataclasses.replace(sweep, space={first: sweep.space[first]},
                                base=with_overrides(sweep.base, base_overrides))
 
@@ -69,7 +67,7 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
             sweep = load_sweep(sweep_file, overrides)
             if quick:
                 sweep = _quick(sweep)
-            print(f"[4/5] sweep {sweep_file}: {len(list(_grid_points(sweep.space)))} trials on Ray Tune")
+            print(f"[4/5] sweep {sweep_file}: {sweep.num_trials} trials on Ray Tune")
             try:
                 outcome = run_sweep(sweep, address=ray_svc.address)
                 print("[5/5] results\n")
@@ -92,10 +90,3 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
           f"`cliplab services mlflow --dir {workdir / 'services' / 'mlflow'}`")
     return {"outcome": outcome, "sweep": sweep}
 
-
-def _grid_points(space: dict) -> list[dict]:
-    points: list[dict] = [{}]
-    for key, domain in space.items():
-        values = domain["grid_search"] if isinstance(domain, dict) and "grid_search" in domain else [domain]
-        points = [{**p, key: v} for p in points for v in values]
-    return points

@@ -37,6 +37,15 @@ class Sweep:
     hypothesis: str = ""
     name: str = "sweep"
 
+    @property
+    def num_trials(self) -> int:
+        """Grid points × ``num_samples`` (Tune's count for grid and sampled spaces alike)."""
+        points = 1
+        for domain in self.space.values():
+            if isinstance(domain, dict) and "grid_search" in domain:
+                points *= len(domain["grid_search"])
+        return points * self.num_samples
+
 
 @dataclass
 class SweepOutcome:
