@@ -62,12 +62,34 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Which contrastive objective, and its hyperparameters (see ``shared/objectives.md``)."""
+    """A point of the contrastive family (see ``shared/objectives.md``).
+
+    ``name`` picks a preset (clip, siglip, cloob, meru, xclr); the axis fields left at None take
+    the preset's value, so ``name: cloob`` + ``geometry: lorentz`` is Hopfield retrieval in
+    hyperbolic space. Every field is a dotted key that Tune can sweep.
+    """
 
     name: str = "clip"
-    temperature: float = 0.07  # τ at init; s = 1/τ is stored as log s
-    learn_temperature: bool = True
+    geometry: str | None = None  # euclidean | lorentz
+    targets: str | None = None  # hard | soft (X-CLR caption-similarity targets)
+    denominator: str | None = None  # infonce | infoloob | sigmoid
+    retrieval: str | None = None  # none | hopfield
+    entailment_weight: float | None = None  # λ of MERU's entailment-cone loss (lorentz only)
+    temperature: float | None = None  # τ at init; s = 1/τ is stored as log s
+    learn_temperature: bool | None = None
     max_logit_scale: float = 100.0  # clamp s to [1, max_logit_scale]
+    hopfield_beta: float = 8.0  # β, stored as log β
+    learn_beta: bool = False
+    aperture_k: float = 0.1  # K of the entailment cone's half-aperture
+    curvature_init: float = 1.0  # c, stored as log c, clamped to [curvature_min, curvature_max]
+    curvature_min: float = 0.1
+    curvature_max: float = 10.0
+    learn_curvature: bool = True
+    alpha_init: float | None = None  # MERU's feature scale α; None = embed_dim ** -0.5; clamped ≤ 1
+    sigmoid_bias_init: float = -10.0  # SigLIP's b
+    soft_target_temperature: float = 0.1  # X-CLR's τ_s
+    soft_target_views: str = "image_image"  # X-CLR: two image views (the seed) or image_text
+    loob_scale_by_tau: bool = False  # the CLOOB reference multiplies its loss by τ
 
 
 @dataclass(frozen=True)
@@ -314,19 +336,41 @@ def load_python_file(path: Path) -> types.ModuleType:
     return module
 
 
+def _objective_checks(obj: ObjectiveConfig) -> list[tuple[bool, str]]:
+    from cliplab.objectives.family import CHOICES, PRESETS, resolve
+
+    if obj.name not in PRESETS:
+        return [(False, f"objective.name '{obj.name}' is not one of {sorted(PRESETS)}")]
+    r = resolve(obj)
+    checks = [(getattr(r, axis) in choices, f"objective.{axis} '{getattr(r, axis)}' is not one of {list(choices)}")
+              for axis, choices in CHOICES.items()]
+    return checks + [
+        (0 < r.temperature <= 1, "objective.temperature must be in (0, 1]"),
+        (obj.max_logit_scale >= 1, "objective.max_logit_scale must be >= 1"),
+        (1 / r.temperature <= obj.max_logit_scale,
+         "objective.temperature is below 1/max_logit_scale; it would be clamped at once"),
+        (r.entailment_weight >= 0, "objective.entailment_weight must be >= 0"),
+        (r.entailment_weight == 0 or r.geometry == "lorentz",
+         "objective.entailment_weight > 0 needs objective.geometry=lorentz (cones live in hyperbolic space)"),
+        (obj.hopfield_beta > 0, "objective.hopfield_beta must be > 0"),
+        (0 < obj.curvature_min <= obj.curvature_init <= obj.curvature_max,
+         "objective.curvature_init must lie in [curvature_min, curvature_max], all > 0"),
+        (obj.alpha_init is None or 0 < obj.alpha_init <= 1, "objective.alpha_init must be in (0, 1]"),
+        (0 < obj.aperture_k < 1, "objective.aperture_k must be in (0, 1)"),
+        (obj.soft_target_temperature > 0, "objective.soft_target_temperature must be > 0"),
+        (obj.soft_target_views in ("image_image", "image_text"),
+         "objective.soft_target_views must be image_image or image_text"),
+        (r.targets == "hard", "soft targets (X-CLR) need caption embeddings and two image views from the "
+                              "data pipeline, which training does not provide yet; use targets=hard"),
+    ]
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Value checks that types alone can't express. Cheap: touches no network or Ray."""
-    from cliplab.objectives import OBJECTIVES
-
     checks = [
         (bool(cfg.data.train), "data.train is empty: point it at the training shards"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (contrastive needs negatives)"),
-        (cfg.objective.name in OBJECTIVES,
-         f"objective.name '{cfg.objective.name}' is not one of {sorted(OBJECTIVES)}"),
-        (0 < cfg.objective.temperature <= 1, "objective.temperature must be in (0, 1]"),
-        (cfg.objective.max_logit_scale >= 1, "objective.max_logit_scale must be >= 1"),
-        (1 / cfg.objective.temperature <= cfg.objective.max_logit_scale,
-         "objective.temperature is below 1/max_logit_scale; it would be clamped at once"),
+        *_objective_checks(cfg.objective),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)"),

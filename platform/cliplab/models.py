@@ -27,6 +27,7 @@ class ModelBundle:
     val_transform: Callable
     tokenizer: Callable
     context_length: int
+    embed_dim: int
 
 
 def _register_bundled_configs() -> None:
@@ -57,7 +58,8 @@ def build_model(cfg) -> ModelBundle:
         if isinstance(param, nn.Parameter):
             param.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(cfg.name)
-    return ModelBundle(model, train_tf, val_tf, tokenizer, tokenizer.context_length)
+    embed_dim = open_clip.get_model_config(cfg.name)["embed_dim"]
+    return ModelBundle(model, train_tf, val_tf, tokenizer, tokenizer.context_length, embed_dim)
 
 
 class DualEncoder(nn.Module):

@@ -52,8 +52,8 @@ def evaluate_embeddings(
     """
     images, texts, labels = [], [], []
     for batch in batches:
-        images.append(objective.embed(encode_images(torch.as_tensor(batch["image"]))))
-        texts.append(objective.embed(encode_texts(list(batch["caption"]))))
+        images.append(objective.embed(encode_images(torch.as_tensor(batch["image"])), "image"))
+        texts.append(objective.embed(encode_texts(list(batch["caption"])), "text"))
         labels.extend(str(x) for x in batch["label"])
     if not images:
         return {}
@@ -64,10 +64,7 @@ def evaluate_embeddings(
     classnames = sorted({label for label in labels if label})
     if len(classnames) >= 2 and all(labels):
         prompts = [[t.format(c) for t in templates] for c in classnames]
-        class_emb = torch.stack([
-            objective.embed(encode_texts(p)).mean(dim=0) for p in prompts
-        ])
-        class_emb = objective.embed(class_emb)  # re-project the prompt mean into the geometry
+        class_emb = torch.stack([objective.ensemble(encode_texts(p)) for p in prompts])
         zs = zero_shot_accuracy(image_emb, labels, class_emb, classnames, objective.similarity)
         out["val/zeroshot_top1"] = zs["top1"]
         out["val/zeroshot_mean_per_class"] = zs["mean_per_class"]

@@ -1,13 +1,12 @@
 """Contrastive objectives. Ray-free: they see local features and a :class:`DistContext`."""
 
 from cliplab.objectives.base import LossOutput, Objective
-from cliplab.objectives.clip import ClipObjective
+from cliplab.objectives.family import PRESETS, ContrastiveObjective, resolve
 
-OBJECTIVES: dict[str, type[Objective]] = {"clip": ClipObjective}
-
-__all__ = ["OBJECTIVES", "ClipObjective", "LossOutput", "Objective", "build_objective"]
+__all__ = ["PRESETS", "ContrastiveObjective", "LossOutput", "Objective", "build_objective", "resolve"]
 
 
-def build_objective(cfg) -> Objective:
-    """Build the objective named by an :class:`cliplab.config.ObjectiveConfig`."""
-    return OBJECTIVES[cfg.name](cfg)
+def build_objective(cfg, embed_dim: int = 512) -> Objective:
+    """Build the objective an :class:`cliplab.config.ObjectiveConfig` describes.
+    ``embed_dim`` (the model's projection width) sets MERU's α init."""
+    return ContrastiveObjective(cfg, embed_dim)

@@ -37,7 +37,12 @@ class Objective(nn.Module):
     ) -> LossOutput:
         raise NotImplementedError
 
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
+    def embed(self, features: torch.Tensor, modality: str = "image") -> torch.Tensor:
+        """Raw features of ``modality`` ("image" or "text") → points in the geometry."""
+        raise NotImplementedError
+
+    def ensemble(self, text_features: torch.Tensor) -> torch.Tensor:
+        """One class embedding from the raw features of its prompts, in the geometry."""
         raise NotImplementedError
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ class CliplabPyfunc(mlflow.pyfunc.PythonModel):
         path = Path(context.artifacts["checkpoint"])
         cfg = load_config(path)
         bundle = build_model(cfg.model)
-        self.module = DualEncoder(bundle.model, build_objective(cfg.objective))
+        self.module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
         load_weights(path, self.module)
         self.module.eval()
         self.bundle = bundle
@@ -41,14 +41,14 @@ class CliplabPyfunc(mlflow.pyfunc.PythonModel):
 
         batch = torch.stack([self.bundle.val_transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
         with torch.no_grad():
-            return self.module.objective.embed(self.module.model.encode_image(batch, normalize=False))
+            return self.module.objective.embed(self.module.model.encode_image(batch, normalize=False), "image")
 
     def embed_texts(self, texts: list[str]):
         import torch
 
         with torch.no_grad():
             tokens = self.bundle.tokenizer(texts)
-            return self.module.objective.embed(self.module.model.encode_text(tokens, normalize=False))
+            return self.module.objective.embed(self.module.model.encode_text(tokens, normalize=False), "text")
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

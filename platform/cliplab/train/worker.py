@@ -48,7 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
 
     bundle = build_model(cfg.model)
-    module = DualEncoder(bundle.model, build_objective(cfg.objective))
+    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
     optimizer = build_optimizer(module, cfg.optim)
     total_steps = cfg.train.max_steps or cfg.train.epochs * config["steps_per_epoch"]
     scheduler = cosine_with_warmup(optimizer, cfg.optim.warmup_steps, total_steps)

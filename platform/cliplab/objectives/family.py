@@ -1,0 +1,228 @@
+"""One contrastive family: geometry × targets × denominator × retrieval × entailment.
+
+The five presets (``clip``, ``siglip``, ``cloob``, ``meru``, ``xclr``) are points of this family
+(see ``shared/objectives.md``); any other combination is legal, e.g. Hopfield retrieval in
+Lorentz geometry or soft targets with InfoLOOB.
+
+Distributed exactness: every rank computes its *local rows* against the *global columns*,
+gathered with gradient, so that after DDP averages gradients the result is the gradient of the
+global-batch loss. Hopfield retrieval runs for the local queries only against the gathered
+memories (B × N), and the retrieved embeddings are gathered with gradient for the columns.
+Logsumexps and everything after the projection run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliplab.distributed import DistContext
+from cliplab.objectives import lorentz as L
+from cliplab.objectives.base import LossOutput, Objective
+
+MASK = -1e9  # finite: soft targets × masked logits must never meet -inf
+
+PRESETS: dict[str, dict] = {
+    "clip": dict(geometry="euclidean", targets="hard", denominator="infonce", retrieval="none",
+                 entailment_weight=0.0, temperature=0.07, learn_temperature=True),
+    "siglip": dict(geometry="euclidean", targets="hard", denominator="sigmoid", retrieval="none",
+                   entailment_weight=0.0, temperature=0.1, learn_temperature=True),
+    "cloob": dict(geometry="euclidean", targets="hard", denominator="infoloob", retrieval="hopfield",
+                  entailment_weight=0.0, temperature=1 / 30, learn_temperature=False),
+    "meru": dict(geometry="lorentz", targets="hard", denominator="infonce", retrieval="none",
+                 entailment_weight=0.2, temperature=0.07, learn_temperature=True),
+    "xclr": dict(geometry="euclidean", targets="soft", denominator="infonce", retrieval="none",
+                 entailment_weight=0.0, temperature=0.1, learn_temperature=False),
+}
+CHOICES = {"geometry": ("euclidean", "lorentz"), "targets": ("hard", "soft"),
+           "denominator": ("infonce", "infoloob", "sigmoid"), "retrieval": ("none", "hopfield")}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An :class:`ObjectiveConfig` with the preset's defaults filled in."""
+
+    geometry: str
+    targets: str
+    denominator: str
+    retrieval: str
+    entailment_weight: float
+    temperature: float
+    learn_temperature: bool
+
+
+def resolve(cfg) -> Resolved:
+    """Fill every ``None`` field of the config from its preset (``cfg.name``)."""
+    base = PRESETS.get(cfg.name, PRESETS["clip"])
+    return Resolved(**{k: (getattr(cfg, k) if getattr(cfg, k) is not None else v) for k, v in base.items()})
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64, for references and tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _lse(logits: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Row logsumexp in float32, optionally leaving out one column per row (finite mask)."""
+    logits = _fp32(logits)
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, MASK)
+    return torch.logsumexp(logits, dim=1)
+
+
+class ContrastiveObjective(Objective):
+    """The whole family in one module; ``cfg`` is an :class:`cliplab.config.ObjectiveConfig`."""
+
+    def __init__(self, cfg, embed_dim: int = 512) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.r = resolve(cfg)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / self.r.temperature)),
+                                      requires_grad=self.r.learn_temperature)
+        self.max_log_scale = math.log(cfg.max_logit_scale)
+        if self.r.denominator == "sigmoid":
+            self.bias = nn.Parameter(torch.tensor(float(cfg.sigmoid_bias_init)))
+        if self.r.retrieval == "hopfield":
+            self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.hopfield_beta)), requires_grad=cfg.learn_beta)
+        if self.r.geometry == "lorentz":
+            alpha = cfg.alpha_init if cfg.alpha_init is not None else embed_dim ** -0.5
+            self.log_alpha_image = nn.Parameter(torch.tensor(math.log(alpha)))
+            self.log_alpha_text = nn.Parameter(torch.tensor(math.log(alpha)))
+            self.log_curvature = nn.Parameter(torch.tensor(math.log(cfg.curvature_init)),
+                                              requires_grad=cfg.learn_curvature)
+
+    @property
+    def _view_to_view(self) -> bool:
+        """X-CLR's seed setting: soft targets between two augmented image views."""
+        return self.r.targets == "soft" and self.cfg.soft_target_views == "image_image"
+
+    # geometry ----------------------------------------------------------------------------
+    @property
+    def curvature(self) -> torch.Tensor:
+        return self.log_curvature.exp()
+
+    def embed(self, features: torch.Tensor, modality: str = "image") -> torch.Tensor:
+        """Map raw projected features into the geometry (fp32): the unit sphere, or the
+        hyperboloid via ``exp_map0(α · f)`` (space components only)."""
+        f = _fp32(features)
+        if self.r.geometry == "euclidean":
+            return F.normalize(f, dim=-1)
+        alpha = (self.log_alpha_image if modality == "image" else self.log_alpha_text).exp()
+        return L.exp_map0(alpha * f, self.curvature)
+
+    def ensemble(self, text_features: torch.Tensor) -> torch.Tensor:
+        """Prompt ensembling in the objective's own space: normalise-mean-normalise on the
+        sphere; the tangent-space mean before the lift on the hyperboloid."""
+        f = _fp32(text_features)
+        if self.r.geometry == "euclidean":
+            return F.normalize(F.normalize(f, dim=-1).mean(dim=0), dim=-1)
+        return L.exp_map0(self.log_alpha_text.exp() * f.mean(dim=0), self.curvature)
+
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine on the sphere; negative geodesic distance on the hyperboloid."""
+        if self.r.geometry == "euclidean":
+            return a @ b.T
+        return -L.distance(a, b, self.curvature)
+
+    def hopfield(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """One modern-Hopfield update: ``softmax(β · sim(q, M)) M``, back into the geometry
+        (normalised on the sphere; averaged in the origin's tangent space, then lifted, on the
+        hyperboloid)."""
+        beta = self.log_beta.exp()
+        weights = torch.softmax(beta * _fp32(self.similarity(queries, memory)), dim=1)
+        if self.r.geometry == "euclidean":
+            return F.normalize(weights @ memory, dim=-1)
+        c = self.curvature
+        return L.exp_map0(weights @ L.log_map0(memory, c), c)
+
+    # loss --------------------------------------------------------------------------------
+    def loss(self, image_features, text_features, ctx: DistContext, extras=None) -> LossOutput:
+        extras = extras or {}
+        x = self.embed(image_features, "image")
+        if self._view_to_view:
+            if "image_features_2" not in extras:
+                raise ValueError("soft targets between image views need extras['image_features_2']")
+            y = self.embed(extras["image_features_2"], "image")
+        else:
+            y = self.embed(text_features, "text")
+        x_all, y_all = ctx.gather(x), ctx.gather(y)
+        targets = None
+        if self.r.targets == "soft":
+            if "caption_embeddings" not in extras:
+                raise ValueError("soft targets need extras['caption_embeddings'] (cliplab data embed-captions)")
+            e = F.normalize(_fp32(extras["caption_embeddings"]), dim=-1)
+            e_all = ctx.gather_no_grad(e)
+            targets = torch.softmax(e @ e_all.T / self.cfg.soft_target_temperature, dim=1)
+
+        terms: dict[str, torch.Tensor] = {}
+        if self.r.retrieval == "hopfield":
+            u_x, u_y = self.hopfield(x, x_all), self.hopfield(y, x_all)
+            v_x, v_y = self.hopfield(x, y_all), self.hopfield(y, y_all)
+            terms["loss/image_retrieval"] = self._pair(u_x, ctx.gather(u_y), ctx, targets)
+            terms["loss/text_retrieval"] = self._pair(v_y, ctx.gather(v_x), ctx, targets)
+            contrastive = terms["loss/image_retrieval"] + terms["loss/text_retrieval"]
+        elif self.r.denominator == "sigmoid" or self._view_to_view:
+            # SigLIP's sum over all pairs and X-CLR's view z → view z' are one-directional
+            contrastive = self._pair(x, y_all, ctx, targets)
+        else:
+            terms["loss/image_to_text"] = self._pair(x, y_all, ctx, targets)
+            terms["loss/text_to_image"] = self._pair(y, x_all, ctx, targets)
+            combine = (lambda a, b: a + b) if self.r.denominator == "infoloob" else (lambda a, b: (a + b) / 2)
+            contrastive = combine(terms["loss/image_to_text"], terms["loss/text_to_image"])
+        if self.r.denominator == "infoloob" and self.cfg.loob_scale_by_tau:
+            contrastive = contrastive / self.log_scale.exp()
+        loss = contrastive
+        if self.r.entailment_weight > 0:
+            if self.r.geometry != "lorentz":
+                raise ValueError("entailment cones need the lorentz geometry")
+            terms["loss/entailment"] = self.entailment(x, y)
+            terms["loss/contrastive"] = contrastive
+            loss = contrastive + self.r.entailment_weight * terms["loss/entailment"]
+        return LossOutput(loss, terms)
+
+    def _pair(self, anchors, columns, ctx: DistContext, targets) -> torch.Tensor:
+        """One direction: local anchor rows against global columns, by the denominator."""
+        b = anchors.shape[0]
+        logits = self.log_scale.exp() * _fp32(self.similarity(anchors, columns))
+        positive = torch.zeros_like(logits, dtype=torch.bool)
+        positive[torch.arange(b), torch.arange(b) + b * ctx.rank] = True
+        if self.r.denominator == "sigmoid":
+            labels = positive.to(logits.dtype) * 2 - 1
+            return -F.logsigmoid(labels * (logits + self.bias)).sum(dim=1).mean()
+        weights = targets if targets is not None else positive.to(logits.dtype)
+        target_term = (weights * logits).sum(dim=1)
+        exclude = positive if self.r.denominator == "infoloob" else None
+        return (_lse(logits, exclude) - target_term).mean()
+
+    def entailment(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """MERU's cone loss on local pairs: text ``y_i`` entails image ``x_i``."""
+        c = self.curvature
+        angle = L.oxy_angle(y, x, c)
+        aperture = L.half_aperture(y, c, self.cfg.aperture_k)
+        return torch.relu(angle - aperture).mean()
+
+    # scalars -----------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        out = {"scalars/logit_scale": float(self.log_scale.detach().exp())}
+        if hasattr(self, "bias"):
+            out["scalars/sigmoid_bias"] = float(self.bias.detach())
+        if hasattr(self, "log_beta"):
+            out["scalars/hopfield_beta"] = float(self.log_beta.detach().exp())
+        if hasattr(self, "log_curvature"):
+            out["scalars/curvature"] = float(self.curvature.detach())
+            out["scalars/alpha_image"] = float(self.log_alpha_image.detach().exp())
+            out["scalars/alpha_text"] = float(self.log_alpha_text.detach().exp())
+        return out
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """The spec's clamps: s ∈ [1, max_logit_scale]; c ∈ [c_min, c_max]; α ≤ 1."""
+        self.log_scale.clamp_(0.0, self.max_log_scale)
+        if hasattr(self, "log_curvature"):
+            self.log_curvature.clamp_(math.log(self.cfg.curvature_min), math.log(self.cfg.curvature_max))
+            self.log_alpha_image.clamp_(max=0.0)
+            self.log_alpha_text.clamp_(max=0.0)

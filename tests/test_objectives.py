@@ -1,0 +1,305 @@
+"""Every preset (and some compositions) against an independent float64 NumPy reference written
+straight from the spec's formulas, and 2 gloo processes against 1 process on the full batch."""
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cliplab.config import ExperimentConfig, ObjectiveConfig, validate, with_overrides
+from cliplab.distributed import DistContext
+from cliplab.errors import ConfigError
+from cliplab.objectives import build_objective
+
+D, N = 5, 6
+
+# ---------------------------------------------------------------------------- references
+
+
+def _norm(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def _lse(m, axis=1):
+    mx = m.max(axis=axis, keepdims=True)
+    return (mx + np.log(np.exp(m - mx).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def _ce(logits, targets):
+    return np.mean(_lse(logits) - (targets * logits).sum(1))
+
+
+def _infoloob(a, p, s):
+    logits = s * a @ p.T
+    masked = np.where(np.eye(len(a), dtype=bool), -np.inf, logits)
+    return np.mean(_lse(masked) - np.diag(logits))
+
+
+def _hop(q, m, beta):
+    w = np.exp(beta * q @ m.T - _lse(beta * q @ m.T)[:, None])
+    return _norm(w @ m)
+
+
+def ref_clip(x, y, s=1 / 0.07, **_):
+    x, y = _norm(x), _norm(y)
+    return (_ce(s * x @ y.T, np.eye(len(x))) + _ce(s * y @ x.T, np.eye(len(x)))) / 2
+
+
+def ref_siglip(x, y, s=10.0, b=-10.0, **_):
+    x, y = _norm(x), _norm(y)
+    labels = 2 * np.eye(len(x)) - 1
+    return -np.mean(np.sum(np.log(1 / (1 + np.exp(-labels * (s * x @ y.T + b)))), axis=1))
+
+
+def ref_cloob(x, y, s=30.0, beta=8.0, **_):
+    x, y = _norm(x), _norm(y)
+    u_x, u_y, v_x, v_y = _hop(x, x, beta), _hop(y, x, beta), _hop(x, y, beta), _hop(y, y, beta)
+    return _infoloob(u_x, u_y, s) + _infoloob(v_y, v_x, s)
+
+
+def _lift(f, alpha, c):
+    v = alpha * f
+    r = np.sqrt(c) * np.linalg.norm(v, axis=1, keepdims=True)
+    return np.sinh(r) * v / r
+
+
+def _time(z, c):
+    return np.sqrt(1 / c + (z * z).sum(1))
+
+
+def ref_meru(x, y, s=1 / 0.07, alpha=D ** -0.5, c=1.0, lam=0.2, k=0.1, **_):
+    zx, zy = _lift(x, alpha, c), _lift(y, alpha, c)
+    inner = zx @ zy.T - np.outer(_time(zx, c), _time(zy, c))
+    dist_ = np.arccosh(np.maximum(-c * inner, 1 + 1e-12)) / np.sqrt(c)
+    con = (_ce(-s * dist_, np.eye(len(x))) + _ce(-s * dist_.T, np.eye(len(x)))) / 2
+    aperture = np.arcsin(np.clip(2 * k / (np.sqrt(c) * np.linalg.norm(zy, axis=1)), -1, 1))
+    c_in = c * np.diag(inner)  # <y_i, x_i>_L
+    cos = (_time(zx, c) + c_in * _time(zy, c)) / (np.linalg.norm(zy, axis=1) * np.sqrt(c_in**2 - 1))
+    angle = np.arccos(np.clip(cos, -1, 1))
+    return con + lam * np.mean(np.maximum(angle - aperture, 0))
+
+
+def ref_xclr(x, y, x2, e, s=10.0, tau_s=0.1, **_):
+    z, z2 = _norm(x), _norm(x2)
+    e = _norm(e)
+    targets = np.exp(e @ e.T / tau_s - _lse(e @ e.T / tau_s)[:, None])
+    return _ce(s * z @ z2.T, targets)
+
+
+def ref_soft_infoloob(x, y, e, s=1 / 0.07, tau_s=0.1, **_):
+    """X-CLR targets with the InfoLOOB denominator, image↔text, summed directions."""
+    x, y, e = _norm(x), _norm(y), _norm(e)
+    t = np.exp(e @ e.T / tau_s - _lse(e @ e.T / tau_s)[:, None])
+
+    def one(a, p):
+        logits = s * a @ p.T
+        masked = np.where(np.eye(len(a), dtype=bool), -np.inf, logits)
+        return np.mean(_lse(masked) - (t * logits).sum(1))
+
+    return one(x, y) + one(y, x)
+
+
+CASES = {
+    "clip": (dict(name="clip"), ref_clip),
+    "siglip": (dict(name="siglip"), ref_siglip),
+    "cloob": (dict(name="cloob"), ref_cloob),
+    "meru": (dict(name="meru"), ref_meru),
+    "xclr": (dict(name="xclr"), ref_xclr),
+    "soft+infoloob": (dict(name="xclr", denominator="infoloob", soft_target_views="image_text",
+                           temperature=0.07), ref_soft_infoloob),
+}
+
+
+def _inputs(seed=0, n=N):
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=(n, D)) for k in ("x", "y", "x2", "e")}
+
+
+def _torch_loss(obj, arrays, requires_grad=True, ctx=DistContext()):
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=requires_grad) for k, v in arrays.items()}
+    extras = {"image_features_2": t["x2"], "caption_embeddings": t["e"]}
+    return obj.loss(t["x"], t["y"], ctx, extras), t
+
+
+def _numeric_grad(f, arrays, key, eps=1e-6):
+    a = {k: v.copy() for k, v in arrays.items()}
+    g = np.zeros_like(a[key])
+    for idx in np.ndindex(a[key].shape):
+        old = a[key][idx]
+        a[key][idx] = old + eps
+        hi = f(**a)
+        a[key][idx] = old - eps
+        lo = f(**a)
+        a[key][idx] = old
+        g[idx] = (hi - lo) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_and_gradients_match_the_float64_reference(case):
+    overrides, ref = CASES[case]
+    obj = build_objective(ObjectiveConfig(**overrides), embed_dim=D).double()
+    arrays = _inputs()
+    out, t = _torch_loss(obj, arrays)
+    # the reference takes the module's scalars as stored (log-parameters rounded to float32)
+    scalars = {"s": obj.log_scale.exp().item()}
+    for name, key in (("log_beta", "beta"), ("log_curvature", "c"), ("log_alpha_image", "alpha")):
+        if hasattr(obj, name):
+            scalars[key] = getattr(obj, name).exp().item()
+    if hasattr(obj, "bias"):
+        scalars["b"] = obj.bias.item()
+    assert out.loss.item() == pytest.approx(ref(**arrays, **scalars), abs=1e-6)
+    out.loss.backward()
+    for key in ("x", "y", "x2"):
+        expected = _numeric_grad(lambda **a: ref(**a, **scalars), arrays, key)
+        got = t[key].grad.numpy() if t[key].grad is not None else np.zeros_like(expected)
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"{case}: d loss / d {key}")
+
+
+def test_compositions_build_and_give_finite_losses():
+    arrays = _inputs(1)
+    for overrides in (dict(name="cloob", geometry="lorentz"), dict(name="meru", retrieval="hopfield"),
+                      dict(name="clip", geometry="lorentz", denominator="sigmoid"),
+                      dict(name="xclr", soft_target_views="image_text")):
+        out, _ = _torch_loss(build_objective(ObjectiveConfig(**overrides), embed_dim=D).double(), arrays)
+        assert torch.isfinite(out.loss), overrides
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("case", list(CASES) + ["cloob+lorentz"])
+def test_bf16_autocast_keeps_loss_and_gradients_finite(case):
+    overrides = dict(name="cloob", geometry="lorentz") if case == "cloob+lorentz" else CASES[case][0]
+    obj = build_objective(ObjectiveConfig(**overrides), embed_dim=64)
+    torch.manual_seed(0)
+    feats = {k: (torch.randn(32, 64) * 3).requires_grad_() for k in ("x", "y", "x2", "e")}
+    feats["y"].data[1] = feats["y"].data[0]  # duplicate texts: zero distances, ties
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        proj = torch.nn.Linear(64, 64)
+        x, y, x2 = proj(feats["x"]), proj(feats["y"]), proj(feats["x2"])
+        out = obj.loss(x, y, DistContext(), {"image_features_2": x2, "caption_embeddings": feats["e"]})
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in [*feats.items(), *obj.named_parameters()]:
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
+def test_zero_distance_has_a_finite_gradient():
+    obj = build_objective(ObjectiveConfig(name="meru"), embed_dim=D).double()
+    x = torch.randn(4, D, dtype=torch.float64, requires_grad=True)
+    out = obj.loss(x, x.clone(), DistContext())  # every positive pair at distance 0
+    out.loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_parameter_stores_inits_and_clamps():
+    meru = build_objective(ObjectiveConfig(name="meru"), embed_dim=512)
+    assert meru.log_alpha_image.item() == pytest.approx(math.log(512 ** -0.5))
+    assert meru.curvature.item() == pytest.approx(1.0)
+    with torch.no_grad():
+        meru.log_curvature.fill_(5.0)
+        meru.log_alpha_text.fill_(1.0)
+        meru.log_scale.fill_(9.0)
+    meru.clamp_()
+    assert meru.curvature.item() == pytest.approx(10.0)
+    assert meru.log_alpha_text.item() == 0.0 and meru.log_scale.item() == pytest.approx(math.log(100))
+    with torch.no_grad():
+        meru.log_curvature.fill_(-9.0)
+    meru.clamp_()
+    assert meru.curvature.item() == pytest.approx(0.1)
+
+    siglip = build_objective(ObjectiveConfig(name="siglip"))
+    assert siglip.log_scale.exp().item() == pytest.approx(10.0) and siglip.bias.item() == -10.0
+    cloob = build_objective(ObjectiveConfig(name="cloob"))
+    assert cloob.log_beta.exp().item() == pytest.approx(8.0) and not cloob.log_beta.requires_grad
+    assert cloob.log_scale.exp().item() == pytest.approx(30.0) and not cloob.log_scale.requires_grad
+    learnable = build_objective(ObjectiveConfig(name="cloob", learn_beta=True, learn_temperature=True))
+    assert learnable.log_beta.requires_grad and learnable.log_scale.requires_grad
+    assert build_objective(ObjectiveConfig(name="xclr")).log_scale.exp().item() == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"objective.name": "clip", "objective.entailment_weight": 0.2}, "needs objective.geometry=lorentz"),
+    ({"objective.geometry": "spherical"}, "objective.geometry 'spherical'"),
+    ({"objective.name": "meru", "objective.curvature_init": 20.0}, "curvature_init must lie"),
+    ({"objective.name": "xclr"}, "soft targets"),
+])
+def test_objective_config_is_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(with_overrides(ExperimentConfig(), {"data.train": "x", **overrides}))
+
+
+# ---------------------------------------------------------------------------- 2 gloo ranks
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_CASES = {**{k: v[0] for k, v in CASES.items()},
+              "cloob+lorentz": dict(name="cloob", geometry="lorentz", learn_beta=True)}
+
+
+def _rank(rank, world, port, arrays, queue):
+    """One rank: every case's local loss, input gradients and (all-reduced) scalar gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for case, overrides in DIST_CASES.items():
+            obj = build_objective(ObjectiveConfig(**overrides), embed_dim=D).double()
+            b = N // world
+            local = {k: v[rank * b:(rank + 1) * b] for k, v in arrays.items()}
+            out, t = _torch_loss(obj, local, ctx=DistContext.current())
+            out.loss.backward()
+            grads = {k: (v.grad.numpy() if v.grad is not None else np.zeros_like(local[k])) for k, v in t.items()}
+            scalars = {}
+            for name, p in obj.named_parameters():
+                if p.grad is not None:
+                    g = p.grad.clone()
+                    dist.all_reduce(g)  # what DDP does, before its 1/W averaging
+                    scalars[name] = g.item() / world
+            results[case] = (out.loss.item(), grads, scalars)
+        queue.put((rank, results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results():
+    arrays = _inputs(2)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, arrays, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return arrays, results
+
+
+@pytest.mark.parametrize("case", list(DIST_CASES))
+def test_two_processes_equal_one_process(case, two_rank_results):
+    arrays, results = two_rank_results
+    obj = build_objective(ObjectiveConfig(**DIST_CASES[case]), embed_dim=D).double()
+    full, t = _torch_loss(obj, arrays)
+    full.loss.backward()
+    ranks = [results[0][case], results[1][case]]
+    assert np.mean([r[0] for r in ranks]) == pytest.approx(full.loss.item(), abs=1e-6)
+    for key in ("x", "y", "x2"):
+        dist_grad = np.concatenate([r[1][key] for r in ranks]) / 2  # DDP's 1/W
+        full_grad = t[key].grad.numpy() if t[key].grad is not None else np.zeros_like(dist_grad)
+        np.testing.assert_allclose(dist_grad, full_grad, atol=1e-6, err_msg=f"{case}: {key}")
+    for name, p in obj.named_parameters():
+        if p.grad is not None:
+            assert ranks[0][2][name] == pytest.approx(p.grad.item(), abs=1e-6), name
