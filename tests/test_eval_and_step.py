@@ -97,3 +97,15 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
         last = train_step(module, batch, opt, sched, DistContext())
     assert last["train/loss"] < first["train/loss"]
     assert {"train/grad_norm", "train/lr", "scalars/logit_scale"} <= set(last)
+
+
+def test_xclr_trains_the_image_tower_only():
+    from cliplab.models import freeze_text_tower
+
+    bundle = build_model(ModelConfig(name="cliplab-tiny"))
+    objective = build_objective(ObjectiveConfig(name="xclr"), bundle.embed_dim)
+    assert not objective.needs_text and build_objective(ObjectiveConfig(name="clip")).needs_text
+    assert freeze_text_tower(bundle.model) > 0
+    trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("visual.") for n in trainable)
+    assert not bundle.model.token_embedding.weight.requires_grad

@@ -39,3 +39,53 @@ def test_two_worker_run_writes_checkpoints_and_mlflow_metrics(tmp_path, s3_serve
     assert steps == [1, 2, 3, 4]
     assert client.get_metric_history(run.info.run_id, "val/image_to_text_R1")[-1].step == 4
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["siglip", "cloob", "meru"])
+def test_presets_train_in_the_two_worker_run(preset, tmp_path, s3_server, mlflow_server, ray_cluster):
+    from cliplab.train.launch import run_training
+
+    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"objective.name": preset, "train.max_steps": 2,
+                                                            "train.checkpoint_every": 100})
+    result = run_training(cfg, name=f"preset-{preset}")
+    assert result.error is None and result.metrics["step"] == 2
+    run = MlflowClient(mlflow_server.uri).get_run(result.metrics["mlflow_run_id"])
+    assert run.data.tags["objective"] == preset
+    assert "train/loss" in run.data.metrics and "scalars/logit_scale" in run.data.metrics
+    if preset == "meru":
+        assert {"train/loss/entailment", "scalars/curvature"} <= set(run.data.metrics)
+    if preset == "cloob":
+        assert run.data.metrics["scalars/hopfield_beta"] == pytest.approx(8.0)
+
+
+@pytest.mark.slow
+def test_caption_embeddings_then_xclr_trains_with_two_views(tmp_path, s3_server, mlflow_server, ray_cluster,
+                                                            emoji_corpus):
+    """`data embed-captions` as a Ray Data job, then the xclr preset joins them by key."""
+    import pyarrow.parquet as pq
+
+    from cliplab.config import S3Config
+    from cliplab.data.captions import embed_captions, load_caption_table
+    from cliplab.data.shards import read_shard_samples
+    from cliplab.data.sources import resolve_shards
+    from cliplab.train.launch import run_training
+
+    corpus, stats = emoji_corpus
+    shards = resolve_shards(str(corpus / "train"), S3Config())
+    out, rows = embed_captions(shards, str(tmp_path / "captions"))
+    assert rows == stats["splits"]["train"]["samples"]
+    table = load_caption_table(out, S3Config())
+    keys = {s.key for shard in shards.paths for s in read_shard_samples(shard)}
+    assert set(table) == keys
+    emb = next(iter(table.values()))
+    assert emb.shape == (384,) and abs(float((emb ** 2).sum()) - 1) < 1e-4
+    assert pq.read_table(out).num_rows == rows
+
+    cfg = experiment(tmp_path, s3_server, mlflow_server, **{
+        "objective.name": "xclr", "data.caption_embeddings": out,
+        "train.max_steps": 2, "train.checkpoint_every": 100})
+    result = run_training(cfg, name="xclr")
+    assert result.error is None and result.metrics["step"] == 2
+    run = MlflowClient(mlflow_server.uri).get_run(result.metrics["mlflow_run_id"])
+    assert run.data.tags["objective"] == "xclr" and "train/loss" in run.data.metrics

@@ -50,6 +50,7 @@ class DataConfig:
     shuffle_files: bool = True
     label_key: str | None = "group"  # json field used as the zero-shot class, if present
     cpus_per_task: float = 0.5  # Ray Data read/decode tasks; fractional so they fit beside workers
+    caption_embeddings: str | None = None  # X-CLR: folder written by `cliplab data embed-captions`
 
 
 @dataclass(frozen=True)
@@ -360,9 +361,13 @@ def _objective_checks(obj: ObjectiveConfig) -> list[tuple[bool, str]]:
         (obj.soft_target_temperature > 0, "objective.soft_target_temperature must be > 0"),
         (obj.soft_target_views in ("image_image", "image_text"),
          "objective.soft_target_views must be image_image or image_text"),
-        (r.targets == "hard", "soft targets (X-CLR) need caption embeddings and two image views from the "
-                              "data pipeline, which training does not provide yet; use targets=hard"),
     ]
+
+
+def _soft_targets(obj: ObjectiveConfig) -> bool:
+    from cliplab.objectives.family import PRESETS, resolve
+
+    return obj.name in PRESETS and resolve(obj).targets == "soft"
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -371,6 +376,8 @@ def validate(cfg: ExperimentConfig) -> None:
         (bool(cfg.data.train), "data.train is empty: point it at the training shards"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (contrastive needs negatives)"),
         *_objective_checks(cfg.objective),
+        (not _soft_targets(cfg.objective) or bool(cfg.data.caption_embeddings),
+         "soft targets (X-CLR) need data.caption_embeddings: run `cliplab data embed-captions SHARDS` first"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)"),

@@ -62,6 +62,17 @@ def build_model(cfg) -> ModelBundle:
     return ModelBundle(model, train_tf, val_tf, tokenizer, tokenizer.context_length, embed_dim)
 
 
+def freeze_text_tower(model: nn.Module) -> int:
+    """Freeze every parameter outside the image tower (X-CLR trains images only, from a frozen
+    text side). Returns how many tensors were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if not name.startswith("visual.") and param.requires_grad:
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 class DualEncoder(nn.Module):
     """The open_clip model and the objective under one module, so DDP syncs both.
 
@@ -73,11 +84,14 @@ class DualEncoder(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            self.model.encode_image(images, normalize=False),
-            self.model.encode_text(texts, normalize=False),
-        )
+    def forward(self, images: torch.Tensor, texts: torch.Tensor,
+                images_2: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Raw image and text features, plus a second image view's when given (X-CLR).
+        Both views go through the encoder in one batch."""
+        if images_2 is None:
+            return self.model.encode_image(images, normalize=False), self.model.encode_text(texts, normalize=False)
+        both = self.model.encode_image(torch.cat([images, images_2]), normalize=False)
+        return both[: len(images)], self.model.encode_text(texts, normalize=False), both[len(images):]
 
     def state_for_export(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "objective": self.objective.state_dict()}

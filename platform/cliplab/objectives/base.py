@@ -28,6 +28,9 @@ class Objective(nn.Module):
     - :meth:`metrics`: scalars to log. :meth:`clamp_`: applied after every optimizer step.
     """
 
+    #: False when the loss never looks at text features (then the text tower is frozen)
+    needs_text: bool = True
+
     def loss(
         self,
         image_features: torch.Tensor,

@@ -96,6 +96,10 @@ class ContrastiveObjective(Objective):
                                               requires_grad=cfg.learn_curvature)
 
     @property
+    def needs_text(self) -> bool:
+        return not self._view_to_view
+
+    @property
     def _view_to_view(self) -> bool:
         """X-CLR's seed setting: soft targets between two augmented image views."""
         return self.r.targets == "soft" and self.cfg.soft_target_views == "image_image"

@@ -37,13 +37,23 @@ def storage_path(cfg: ExperimentConfig) -> str:
 
 
 def build_datasets(prep: Prepared) -> dict[str, Any]:
+    import ray
+
     from cliplab.data.pipeline import build_dataset
+    from cliplab.objectives import resolve
 
     cfg = prep.cfg
     common = {"model_name": cfg.model.name, "label_key": cfg.data.label_key,
               "cpus_per_task": cfg.data.cpus_per_task}
+    objective = resolve(cfg.objective)
+    extra = {}
+    if objective.targets == "soft":  # X-CLR: caption embeddings joined by key, maybe two views
+        from cliplab.data.captions import load_caption_table
+
+        extra["captions_ref"] = ray.put(load_caption_table(cfg.data.caption_embeddings, cfg.data.s3))
+        extra["views"] = 2 if cfg.objective.soft_target_views == "image_image" else 1
     datasets = {"train": build_dataset(prep.train, train=True, shuffle_files=cfg.data.shuffle_files,
-                                       seed=cfg.data.seed, **common)}
+                                       seed=cfg.data.seed, **common, **extra)}
     if prep.val is not None:
         datasets["val"] = build_dataset(prep.val, train=False, **common)
     return datasets

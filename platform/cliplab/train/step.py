@@ -45,11 +45,15 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, scheduler,
                ctx: DistContext) -> dict[str, float]:
-    """One optimizer step on a batch of ``image`` and ``text`` tensors. Returns metrics."""
+    """One optimizer step on a batch of ``image`` and ``text`` tensors (plus ``image_2`` and
+    ``caption_embedding`` for X-CLR). Returns metrics."""
     objective = unwrap(model).objective
     model.train()
-    image_features, text_features = model(batch["image"], batch["text"])
-    out = objective.loss(image_features, text_features, ctx)
+    image_features, text_features, *view_2 = model(batch["image"], batch["text"], batch.get("image_2"))
+    extras = {"image_features_2": view_2[0]} if view_2 else {}
+    if "caption_embedding" in batch:
+        extras["caption_embeddings"] = batch["caption_embedding"]
+    out = objective.loss(image_features, text_features, ctx, extras)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))

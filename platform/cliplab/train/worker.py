@@ -12,7 +12,7 @@ import torch
 from cliplab.config import ExperimentConfig, flatten, from_dict, to_dict
 from cliplab.distributed import DistContext
 from cliplab.eval import evaluate_embeddings
-from cliplab.models import DualEncoder, build_model
+from cliplab.models import DualEncoder, build_model, freeze_text_tower
 from cliplab.objectives import build_objective
 from cliplab.tracking import build_tracker
 from cliplab.train import checkpoint as ckpt
@@ -49,6 +49,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     bundle = build_model(cfg.model)
     module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
+    if not module.objective.needs_text:
+        freeze_text_tower(module.model)
     optimizer = build_optimizer(module, cfg.optim)
     total_steps = cfg.train.max_steps or cfg.train.epochs * config["steps_per_epoch"]
     scheduler = cosine_with_warmup(optimizer, cfg.optim.warmup_steps, total_steps)

