@@ -213,6 +213,14 @@ def test_parameter_stores_inits_and_clamps():
     meru.clamp_()
     assert meru.curvature.item() == pytest.approx(0.1)
 
+    clip = build_objective(ObjectiveConfig(name="clip", temperature=0.07))
+    assert clip.log_scale.item() == pytest.approx(math.log(1 / 0.07)) and clip.log_scale.requires_grad
+    with torch.no_grad():
+        clip.log_scale.fill_(-3.0)
+    clip.clamp_()
+    assert clip.log_scale.item() == 0.0  # s >= 1
+    assert not build_objective(ObjectiveConfig(name="clip", learn_temperature=False)).log_scale.requires_grad
+
     siglip = build_objective(ObjectiveConfig(name="siglip"))
     assert siglip.log_scale.exp().item() == pytest.approx(10.0) and siglip.bias.item() == -10.0
     cloob = build_objective(ObjectiveConfig(name="cloob"))
