@@ -152,7 +152,7 @@ def _explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str
                               "signaturedoesnotmatch", "403")):
         return (f"S3 rejected the credentials for {url} at {endpoint}: check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
-    if "nosuchbucket" in low or "bucket" in low and "not" in low:
+    if "nosuchbucket" in low or ("bucket" in low and "not" in low):
         return f"S3 bucket '{bucket}' does not exist at {endpoint}"
     return f"S3 error opening {url} at {endpoint}: {text.splitlines()[0] if text else type(err).__name__}"
 
