@@ -11,33 +11,11 @@ yourself on any corpus with `cliplab sweep sweeps/demo.py --set data.train=... -
 
 from ray import tune
 
-from cliplab.config import (
-    DataConfig,
-    EvalConfig,
-    ExperimentConfig,
-    ModelConfig,
-    ObjectiveConfig,
-    OptimConfig,
-    TrackingConfig,
-    TrainConfig,
-)
+from cliplab.experiments import emoji_base
 from cliplab.tune import Sweep
 
-BASE = ExperimentConfig(
-    name="demo",
-    data=DataConfig(train=".cliplab/demo/data/emoji/train", val=".cliplab/demo/data/emoji/val",
-                    batch_size=64, label_key="group"),
-    model=ModelConfig(name="cliplab-tiny"),
-    objective=ObjectiveConfig(name="clip", temperature=0.07),
-    optim=OptimConfig(lr=2e-3, weight_decay=0.1, warmup_steps=10),
-    train=TrainConfig(epochs=4, num_workers=2, cpus_per_worker=0.5, checkpoint_every=100,
-                      eval_every_epoch=False),
-    eval=EvalConfig(templates=("an emoji of {}.", "{}")),
-    tracking=TrackingConfig(experiment="cliplab-demo"),
-)
-
 SWEEP = Sweep(
-    base=BASE,
+    base=emoji_base("demo"),
     space={
         "objective.temperature": tune.grid_search([0.07, 0.03]),
         "optim.lr": tune.grid_search([1e-3, 2e-3]),

@@ -1,5 +1,7 @@
 """The config tree: loading, overrides, type checks and validation, all before any Ray work."""
 
+from pathlib import Path
+
 import pytest
 
 from cliplab.config import ExperimentConfig, flatten, load_experiment, parse_override, to_dict, with_overrides
@@ -100,3 +102,11 @@ def test_sweep_space_is_validated_before_any_ray_work(tmp_path, space, message):
 
     with pytest.raises(ConfigError, match=message):
         load_sweep(_sweep_file(tmp_path, space))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "sweeps").glob("*.py")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_loads_and_validates(path):
+    from cliplab.tune import load_sweep
+
+    sweep = load_sweep(path)
+    assert sweep.hypothesis and sweep.num_trials >= 2 and sweep.space
