@@ -110,3 +110,16 @@ def test_every_shipped_sweep_file_loads_and_validates(path):
 
     sweep = load_sweep(path)
     assert sweep.hypothesis and sweep.num_trials >= 2 and sweep.space
+
+
+def test_shootout_summary_is_mean_and_std_over_seeds():
+    from cliplab.config import load_python_file
+
+    shootout = load_python_file(Path(__file__).parents[1] / "sweeps" / "shootout.py")
+    rows = [{"objective.name": "clip", "val/image_to_text_R1": v, "val/text_to_image_R1": 0.1,
+             "val/zeroshot_top1": 0.2} for v in (0.1, 0.2, 0.3)]
+    rows.append({"objective.name": "meru", "val/image_to_text_R1": 0.5})
+    text = shootout.summarize(rows)
+    assert "| clip      | 3     | 0.2000 ± 0.1000 | 0.1000 ± 0.0000 | 0.2000 ± 0.0000 |" in text
+    assert "| meru      | 1     | 0.5000 ± 0.0000 |" in text
+    assert shootout.SWEEP.num_trials == 15

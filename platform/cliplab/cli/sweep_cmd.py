@@ -25,13 +25,15 @@ def print_outcome(sweep, outcome) -> None:
     columns += [(key.split(".")[-1], key) for key in sweep.space]
     columns += [("val R@1 (i→t)", "val/image_to_text_R1"), ("val R@1 (t→i)", "val/text_to_image_R1"),
                 ("zero-shot top-1", "val/zeroshot_top1"), ("steps", "step")]
-    rows = [{"objective": sweep.base.objective.name, **r} for r in outcome.rows]
+    rows = [{"objective": r.get("objective.name", sweep.base.objective.name), **r} for r in outcome.rows]
     print(markdown_table(rows, columns))
     if outcome.rows and "val/retrieval_chance_R1" in outcome.rows[0]:
         r = outcome.rows[0]
         chance_zs = 1 / r["val/zeroshot_num_classes"] if r.get("val/zeroshot_num_classes") else None
         print(f"chance: R@1 = {r['val/retrieval_chance_R1']:.4f} ({int(r['val/num_samples'])} val pairs)"
               + (f", zero-shot = {chance_zs:.4f} ({int(r['val/zeroshot_num_classes'])} classes)" if chance_zs else ""))
+    if sweep.summarize and outcome.rows:
+        print(sweep.summarize(outcome.rows))
     if outcome.best:
         print(f"best trial: {outcome.best['trial']} ({sweep.metric} = {outcome.best[sweep.metric]:.4f})")
     if outcome.registered:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class Sweep:
     alias: str = "champion"
     hypothesis: str = ""
     name: str = "sweep"
+    summarize: Callable[[list[dict[str, Any]]], str] | None = None  # extra report from the rows
 
     @property
     def num_trials(self) -> int:
