@@ -87,11 +87,13 @@ class DualEncoder(nn.Module):
     def forward(self, images: torch.Tensor, texts: torch.Tensor,
                 images_2: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Raw image and text features, plus a second image view's when given (X-CLR).
-        Both views go through the encoder in one batch."""
+        Both views go through the encoder in one batch; text is skipped (None) when the
+        objective never looks at it."""
+        text = self.model.encode_text(texts, normalize=False) if self.objective.needs_text else None
         if images_2 is None:
-            return self.model.encode_image(images, normalize=False), self.model.encode_text(texts, normalize=False)
+            return self.model.encode_image(images, normalize=False), text
         both = self.model.encode_image(torch.cat([images, images_2]), normalize=False)
-        return both[: len(images)], self.model.encode_text(texts, normalize=False), both[len(images):]
+        return both[: len(images)], text, both[len(images):]
 
     def state_for_export(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "objective": self.objective.state_dict()}
