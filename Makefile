@@ -5,8 +5,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cliplab-installed
-FONT   := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
-UNICODE := /usr/share/unicode/emoji/emoji-test.txt
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export HF_HUB_OFFLINE := 1
@@ -14,9 +12,9 @@ export TRANSFORMERS_OFFLINE := 1
 export MLFLOW_TELEMETRY_DISABLED := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo demo-quick test test-fast lint clean
+.PHONY: setup system-packages demo demo-quick test test-fast lint clean
 
-setup: $(STAMP) $(FONT) $(UNICODE)
+setup: $(STAMP) system-packages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +24,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# the emoji font (images) and Unicode's emoji-test.txt (the group/subgroup hierarchy)
-$(FONT) $(UNICODE):
-	$(SUDO) apt-get update -q
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q fonts-noto-color-emoji unicode-data
+# the emoji font (images), Unicode's emoji-test.txt (the group/subgroup hierarchy) and FriBiDi
+# (Pillow's text shaping, which draws flags and ZWJ sequences as one glyph); installed only if absent
+APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0
+system-packages:
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PACKAGES); }
 
 demo: setup
 	$(BIN)/cliplab demo

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     emoji.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in val (default 0.1)")
     emoji.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     emoji.add_argument("--samples-per-shard", type=int, default=500, help="default 500")
+    emoji.add_argument("--workers", type=int, default=2, help="render processes (default 2)")
     emoji.set_defaults(func=run_emoji)
 
     build = data.add_parser("build", help="shards from a folder of image+caption files or a CSV/Parquet",
@@ -69,7 +70,8 @@ def run_embed_captions(args: argparse.Namespace) -> int:
 
 
 def _summary(stats: dict, out: Path) -> None:
-    splits = ", ".join(f"{name} {s['samples']} in {len(s['shards'])} shards" for name, s in stats["splits"].items())
+    splits = ", ".join(f"{name} {s['samples']} in {len(s['shards'])} shards ({out / name}/)"
+                       for name, s in stats["splits"].items())
     skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()) or "none"
     print(f"wrote {stats['samples']} samples to {out}: {splits}; skipped: {skipped}")
     print(f"stats: {out / 'stats.json'}")
@@ -79,7 +81,7 @@ def run_emoji(args: argparse.Namespace) -> int:
     from cliplab.data.emoji import build_emoji_corpus
 
     stats = build_emoji_corpus(args.out, image_px=args.image_px, val_fraction=args.val_fraction, seed=args.seed,
-                               samples_per_shard=args.samples_per_shard)
+                               samples_per_shard=args.samples_per_shard, workers=args.workers)
     _summary(stats, args.out)
     print(f"groups: {', '.join(f'{g} ({n})' for g, n in stats['groups'].items())}")
     return 0

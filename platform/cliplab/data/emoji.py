@@ -22,6 +22,7 @@ from cliplab.errors import DataError
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
 FONT_SIZE = 109  # the only bitmap size of this CBDT font
+REFERENCE = "\U0001F600"  # grinning face: one full-size glyph in every version of the font
 SKIN_TONES = {0x1F3FB, 0x1F3FC, 0x1F3FD, 0x1F3FE, 0x1F3FF}
 _LINE = re.compile(r"^([0-9A-F ]+?)\s*;\s*fully-qualified\s*#\s*\S+\s+E[\d.]+\s+(.+)$")
 
@@ -70,18 +71,25 @@ def caption_for(entry: EmojiEntry) -> str:
 
 
 def _render(args: tuple[str, int | None, str]) -> bytes | None:
-    """PNG bytes of one emoji on a white square, or None when the font has no glyph for it."""
+    """PNG bytes of one emoji centred on a white square, or None when the font has no glyph for
+    it: a blank render, or a sequence drawn as several glyphs (the font lacks its ligature).
+
+    The square is at least one glyph cell wide, so small glyphs stay small (``black small
+    square`` and ``black large square`` must not become the same image).
+    """
     from PIL import Image, ImageDraw
 
     char, image_px, font_path = args
-    font = _font(font_path)
-    canvas = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
-    ImageDraw.Draw(canvas).text((10, 10), char, font=font, embedded_color=True)
+    font, cell = _font(font_path)
+    if font.getlength(char) > 1.5 * font.getlength(REFERENCE):
+        return None
+    canvas = Image.new("RGBA", (2 * cell, 2 * cell), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).text((cell // 4, cell // 4), char, font=font, embedded_color=True)
     bbox = canvas.getbbox()
     if bbox is None:
         return None
     glyph = canvas.crop(bbox)
-    side = max(glyph.size)
+    side = max(*glyph.size, cell)
     square = Image.new("RGB", (side, side), (255, 255, 255))
     square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2), glyph)
     if image_px:
@@ -94,27 +102,43 @@ def _render(args: tuple[str, int | None, str]) -> bytes | None:
 _FONTS: dict[str, Any] = {}
 
 
-def _font(path: str):
+def _font(path: str) -> tuple[Any, int]:
+    """The font (raqm layout: ZWJ, flag and keycap sequences become one glyph) and its cell size."""
     from PIL import ImageFont
 
     if path not in _FONTS:
-        _FONTS[path] = ImageFont.truetype(path, FONT_SIZE)
+        font = ImageFont.truetype(path, FONT_SIZE, layout_engine=ImageFont.Layout.RAQM)
+        left, top, right, bottom = font.getbbox(REFERENCE)
+        _FONTS[path] = font, min(right - left, bottom - top)
     return _FONTS[path]
+
+
+def _require_shaping() -> None:
+    from PIL import features
+
+    if not features.check("raqm"):
+        raise DataError("Pillow's raqm text layout is unavailable, so emoji sequences (flags, families, "
+                        "keycaps) cannot be drawn as one glyph: install the FriBiDi library "
+                        "(apt-get install libfribidi0) and rerun")
 
 
 def build_emoji_corpus(out_dir: str | Path, *, image_px: int | None = 128, val_fraction: float = 0.1,
                        seed: int = 0, samples_per_shard: int = 500, font_path: Path = FONT,
                        limit: int | None = None, workers: int = 2, progress: bool = True) -> dict[str, Any]:
-    """Render the corpus into ``out_dir/{train,val}/*.tar`` plus ``stats.json``.
+    """Render the corpus into ``out_dir/{train,val}/*.tar`` plus ``stats.json``; returns the stats.
 
-    Every group gets val samples: the split is by key hash within each group, and a group whose
-    hash split left no val sample gives its first key to val.
+    Each sample is ``{key}.png`` (``image_px`` square, or the glyph's own size when None),
+    ``{key}.txt`` (the name) and ``{key}.json`` (key, caption, name, unicode_name, group,
+    subgroup, codepoints). Keys come from the codepoints. The split is :func:`deterministic_split`
+    of the key, then each group the hash left without a val sample gives its first key to val.
+    ``limit`` keeps the first emoji in Unicode order (for tests); ``workers`` render processes.
     """
     from tqdm import tqdm
 
     if not Path(font_path).is_file():
         raise DataError(f"{font_path} not found: install Debian's fonts-noto-color-emoji "
                         "(apt-get install fonts-noto-color-emoji; `make setup` does it)")
+    _require_shaping()
     skipped: Counter = Counter()
     entries = []
     for entry in read_emoji_test():
@@ -150,8 +174,11 @@ def build_emoji_corpus(out_dir: str | Path, *, image_px: int | None = 128, val_f
                        "codepoints": [f"U+{c:04X}" for c in e.codepoints]})
                for e, png in rendered)
     groups = Counter(e.group for e, _ in rendered)
+    by_split = {split: dict(sorted(Counter(e.group for e, _ in rendered if (e.key in val_keys) == (split == "val"))
+                                   .items())) for split in ("train", "val")}
     return write_splits(samples, Path(out_dir), val_fraction=val_fraction, seed=seed,
                         samples_per_shard=samples_per_shard, skipped=skipped,
                         split_of=lambda s: "val" if s.key in val_keys else "train",
                         extra_stats={"source": "Noto Color Emoji", "groups": dict(sorted(groups.items())),
+                                     "groups_by_split": by_split,
                                      "subgroups": len({e.subgroup for e, _ in rendered})})

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -25,6 +27,8 @@ IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 @dataclass
 class Sample:
+    """One image-text pair as stored in a shard; ``meta`` goes into ``{key}.json`` beside key and caption."""
+
     key: str
     image: bytes
     ext: str  # jpg | png | webp
@@ -39,11 +43,22 @@ def deterministic_split(key: str, val_fraction: float, seed: int = 0) -> str:
 
 
 class ShardSink:
-    """Writes samples into ``{prefix}-{000000..}.tar`` files of at most ``samples_per_shard``."""
+    """Writes samples into ``{prefix}-{000000..}.tar`` files of at most ``samples_per_shard``.
+
+    Shards left in ``out_dir`` under the same prefix by an earlier build are removed first, so a
+    directory of shards never mixes two builds. Tar members get a fixed mtime and mode: the same
+    samples give byte-identical shards.
+    """
 
     def __init__(self, out_dir: Path, prefix: str, samples_per_shard: int = 1000) -> None:
+        if samples_per_shard < 1:
+            raise DataError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
         self.out_dir, self.prefix, self.per_shard = Path(out_dir), prefix, samples_per_shard
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        stale = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
+        for old in self.out_dir.iterdir():
+            if stale.fullmatch(old.name):
+                old.unlink()
         self.shards: list[str] = []
         self.count = 0
         self._tar: tarfile.TarFile | None = None
@@ -70,6 +85,10 @@ class ShardSink:
             self._tar.close()
             self._tar = None
 
+    def info(self) -> dict[str, Any]:
+        """``{"samples": n, "shards": [file names]}``, as ``stats.json`` lists a split."""
+        return {"samples": self.count, "shards": list(self.shards)}
+
     def __enter__(self) -> ShardSink:
         return self
 
@@ -77,11 +96,26 @@ class ShardSink:
         self.close()
 
 
+def write_split(samples: Iterable[Sample], out_dir: str | Path, split: str,
+                samples_per_shard: int = 1000) -> dict[str, Any]:
+    """Write all ``samples`` to ``out_dir/{split}/{split}-000000.tar, ...``; returns the split's info."""
+    with ShardSink(Path(out_dir) / split, split, samples_per_shard) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return sink.info()
+
+
 def write_splits(samples: Iterable[Sample], out_dir: Path, *, val_fraction: float, seed: int,
                  samples_per_shard: int, split_of=None, extra_stats: dict | None = None,
                  skipped: Counter | None = None) -> dict[str, Any]:
-    """Route samples to ``train``/``val`` sinks and write ``stats.json``. Returns the stats."""
+    """Route samples to ``train``/``val`` sinks and write ``stats.json``. Returns the stats.
+
+    ``split_of(sample)`` picks the split (default: :func:`deterministic_split` of the key);
+    ``skipped`` (reason -> count) may still grow while ``samples`` is consumed; ``extra_stats``
+    is merged into the stats. Raises :class:`DataError` when no sample was written.
+    """
     out_dir = Path(out_dir)
+    (out_dir / "stats.json").unlink(missing_ok=True)  # a failed rebuild must not look complete
     split_of = split_of or (lambda s: deterministic_split(s.key, val_fraction, seed))
     sinks = {name: ShardSink(out_dir / name, name, samples_per_shard) for name in ("train", "val")}
     formats: Counter = Counter()
@@ -97,7 +131,7 @@ def write_splits(samples: Iterable[Sample], out_dir: Path, *, val_fraction: floa
         raise DataError(f"no usable samples to write into {out_dir} (skipped: {dict(skipped or {})})")
     stats = {
         "samples": total,
-        "splits": {name: {"samples": s.count, "shards": s.shards} for name, s in sinks.items()},
+        "splits": {name: sink.info() for name, sink in sinks.items()},
         "image_formats": dict(formats),
         "skipped": dict(skipped or {}),
         "val_fraction": val_fraction,
@@ -126,12 +160,20 @@ def read_shard_samples(path: str | Path) -> Iterator[Sample]:
 
 # ------------------------------------------------------------------------------------------
 # building from user data
+#
+# A source is a list of (image path, caption, source name) triples. The caption is None when
+# missing, bytes when its encoding is still unchecked; the source name (the path relative to the
+# folder, or as the table writes it) decides the split, so adding files later never moves a
+# sample from one split to the other.
+
+_Pair = tuple[Path, "str | bytes | None", str]
 
 
-def _check_pair(key: str, image_path: Path, caption: str | bytes | None) -> tuple[Sample | None, str | None]:
+def _check_pair(key: str, pair: _Pair) -> tuple[Sample | None, str | None]:
     """Load and verify one image+caption pair. Returns (sample, None) or (None, skip reason)."""
     from PIL import Image
 
+    image_path, caption, source = pair
     if caption is None:
         return None, "missing_caption"
     if isinstance(caption, bytes):
@@ -139,7 +181,7 @@ def _check_pair(key: str, image_path: Path, caption: str | bytes | None) -> tupl
             caption = caption.decode("utf-8")
         except UnicodeDecodeError:
             return None, "non_utf8_caption"
-    caption = str(caption).strip()
+    caption = caption.strip()
     if not caption:
         return None, "empty_caption"
     if not image_path.is_file():
@@ -147,72 +189,119 @@ def _check_pair(key: str, image_path: Path, caption: str | bytes | None) -> tupl
     data = image_path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.verify()
+            im.verify()  # structure and checksums
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            fmt = (im.format or "").lower()
+            im.load()  # a full decode: catches truncated files that verify() lets through
+            fmt, (width, height) = (im.format or "").lower(), im.size
     except Exception:
         return None, "corrupt_image"
+    if width < 1 or height < 1:
+        return None, "corrupt_image"
     ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt)
-    if ext is None:  # other formats are re-encoded as PNG so every reader can decode them
+    if ext is None:  # GIF, BMP, TIFF...: re-encoded as PNG so every webdataset reader decodes them
         with Image.open(io.BytesIO(data)) as im:
             buf = io.BytesIO()
             im.convert("RGB").save(buf, "PNG")
             data, ext = buf.getvalue(), "png"
-    return Sample(key, data, ext, caption, {"source": str(image_path)}), None
+    return Sample(key, data, ext, caption, {"source": source, "width": width, "height": height}), None
 
 
-def _pairs_from_folder(src: Path) -> list[tuple[Path, str | bytes | None]]:
+def _pairs_from_folder(src: Path) -> list[_Pair]:
     pairs = []
-    for image in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+    for image in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
         txt = image.with_suffix(".txt")
-        pairs.append((image, txt.read_bytes() if txt.is_file() else None))
+        pairs.append((image, txt.read_bytes() if txt.is_file() else None, image.relative_to(src).as_posix()))
     return pairs
 
 
-def _pairs_from_table(src: Path, image_col: str, caption_col: str) -> list[tuple[Path, str | None]]:
+def _pairs_from_table(src: Path, image_col: str, caption_col: str) -> list[_Pair]:
     import pandas as pd
 
-    table = pd.read_parquet(src) if src.suffix == ".parquet" else pd.read_csv(src)
+    if src.suffix == ".parquet":
+        table = pd.read_parquet(src)
+    else:  # strings as written: a caption "NA" or "2024" stays text; only empty cells are missing
+        table = pd.read_csv(src, dtype=str, keep_default_na=False, na_values=[""])
     for col in (image_col, caption_col):
         if col not in table.columns:
             raise DataError(f"{src}: no column '{col}' (columns: {', '.join(map(str, table.columns))})")
     pairs = []
     for image, caption in zip(table[image_col], table[caption_col], strict=True):
+        if not isinstance(caption, bytes):  # bytes: Parquet binary, decoded (or rejected) later
+            caption = None if caption is None or pd.isna(caption) else str(caption)
         path = Path(str(image))
-        pairs.append((path if path.is_absolute() else src.parent / path,
-                      None if pd.isna(caption) else str(caption)))
+        pairs.append((path if path.is_absolute() else src.parent / path, caption, str(image)))
     return pairs
 
 
-def build_shards(src: str | Path, out_dir: str | Path, *, image_col: str = "image", caption_col: str = "caption",
-                 val_fraction: float = 0.05, seed: int = 0, samples_per_shard: int = 1000,
-                 workers: int = 4, progress: bool = True) -> dict[str, Any]:
-    """Shards from a folder of ``name.{jpg,png,webp}`` + ``name.txt``, or a CSV/Parquet of
-    (image path, caption). Bad pairs are skipped and counted by reason in ``stats.json``."""
+def _build(pairs: list[_Pair], out_dir: str | Path, source: Path, *, val_fraction: float, seed: int,
+           samples_per_shard: int, workers: int, progress: bool) -> dict[str, Any]:
+    """Verify ``pairs`` on a thread pool (in order, a bounded window at a time) and write the shards."""
     from tqdm import tqdm
 
+    skipped: Counter = Counter()
+    window = max(1, workers) * 64
+
+    def check(item: tuple[int, _Pair]) -> tuple[Sample | None, str | None]:
+        return _check_pair(f"{item[0]:09d}", item[1])  # img2dataset-style 9-digit key
+
+    def samples() -> Iterator[Sample]:
+        items = iter(enumerate(pairs))
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+                tqdm(total=len(pairs), desc="building shards", unit="img", disable=not progress) as bar:
+            while chunk := list(itertools.islice(items, window)):
+                for sample, reason in pool.map(check, chunk):
+                    bar.update()
+                    if reason:
+                        skipped[reason] += 1
+                    else:
+                        yield sample
+
+    return write_splits(samples(), Path(out_dir), val_fraction=val_fraction, seed=seed,
+                        samples_per_shard=samples_per_shard, skipped=skipped,
+                        split_of=lambda s: deterministic_split(s.meta["source"], val_fraction, seed),
+                        extra_stats={"source": str(source)})
+
+
+def build_from_folder(src_dir: str | Path, out_dir: str | Path, *, val_fraction: float = 0.05, seed: int = 0,
+                      samples_per_shard: int = 1000, workers: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Shards from ``name.{jpg,jpeg,png,webp}`` + ``name.txt`` pairs anywhere under ``src_dir``.
+
+    Images keep their original bytes; each is fully decoded first. Bad pairs are skipped and
+    counted by reason (``missing_caption``, ``empty_caption``, ``non_utf8_caption``,
+    ``corrupt_image``) in ``stats.json``. The split hashes the image's path relative to
+    ``src_dir``. Returns the stats; raises :class:`DataError` if ``src_dir`` is missing or
+    yields no sample.
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise DataError(f"source not found: {src} (expected a folder of image + .txt caption files)")
+    return _build(_pairs_from_folder(src), out_dir, src, val_fraction=val_fraction, seed=seed,
+                  samples_per_shard=samples_per_shard, workers=workers, progress=progress)
+
+
+def build_from_table(path: str | Path, out_dir: str | Path, *, image_col: str = "image",
+                     caption_col: str = "caption", val_fraction: float = 0.05, seed: int = 0,
+                     samples_per_shard: int = 1000, workers: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Shards from a ``.csv`` or ``.parquet`` table of (image path, caption) rows.
+
+    Relative image paths are relative to the table's folder. Skip reasons are those of
+    :func:`build_from_folder` plus ``missing_image``; the split hashes the path as written.
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise DataError(f"source not found: {src} (expected a .csv or .parquet table)")
+    if src.suffix not in (".csv", ".parquet"):
+        raise DataError(f"{src}: expected a .csv or a .parquet file")
+    return _build(_pairs_from_table(src, image_col, caption_col), out_dir, src, val_fraction=val_fraction,
+                  seed=seed, samples_per_shard=samples_per_shard, workers=workers, progress=progress)
+
+
+def build_shards(src: str | Path, out_dir: str | Path, *, image_col: str = "image", caption_col: str = "caption",
+                 **options: Any) -> dict[str, Any]:
+    """:func:`build_from_folder` for a folder, :func:`build_from_table` for a ``.csv``/``.parquet``."""
     src = Path(src)
     if not src.exists():
         raise DataError(f"source not found: {src}")
     if src.is_dir():
-        pairs = _pairs_from_folder(src)
-    elif src.suffix in (".csv", ".parquet"):
-        pairs = _pairs_from_table(src, image_col, caption_col)
-    else:
-        raise DataError(f"{src}: expected a folder, a .csv or a .parquet file")
-    skipped: Counter = Counter()
-
-    def samples() -> Iterator[Sample]:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            jobs = pool.map(lambda ip: _check_pair(f"{ip[0]:09d}", ip[1][0], ip[1][1]), enumerate(pairs))
-            for sample, reason in tqdm(jobs, total=len(pairs), desc="building shards", unit="img",
-                                       disable=not progress):
-                if reason:
-                    skipped[reason] += 1
-                else:
-                    yield sample
-
-    return write_splits(samples(), Path(out_dir), val_fraction=val_fraction, seed=seed,
-                        samples_per_shard=samples_per_shard, skipped=skipped,
-                        extra_stats={"source": str(src)})
+        return build_from_folder(src, out_dir, **options)
+    return build_from_table(src, out_dir, image_col=image_col, caption_col=caption_col, **options)
