@@ -73,3 +73,22 @@ def test_ray_head_runs_a_task_from_another_process_and_stops(tmp_path):
 def test_port_in_use_is_a_clear_error(s3_server, tmp_path):
     with pytest.raises(ServiceError, match=f"port {s3_server.port} on 127.0.0.1 is already in use"):
         MlflowService(tmp_path, port=s3_server.port).start()
+
+
+def test_a_service_that_dies_at_start_is_a_clear_error_after_retries(tmp_path):
+    from cliplab.services import Service
+
+    class Dies(Service):
+        name = "dying service"
+
+        def command(self):
+            return [sys.executable, "-c", "import sys; print('boom: bad flag'); sys.exit(3)"]
+
+        def healthy(self):
+            return False
+
+    svc = Dies(tmp_path)
+    with pytest.raises(ServiceError, match=r"dying service exited with code 3 while starting: boom: bad flag"):
+        svc.start()
+    assert svc.proc is None
+    assert (tmp_path / "service.log").read_text().count("boom") == 3  # auto port: tried 3 times

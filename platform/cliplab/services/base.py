@@ -52,6 +52,7 @@ class Service:
 
     def __init__(self, root: Path, port: int | None = None) -> None:
         self.root = Path(root).resolve()
+        self._auto_port = not port
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -71,27 +72,34 @@ class Service:
         return self.root / "service.log"
 
     def start(self) -> Service:
+        """Launch and wait until healthy. A service on an automatically picked port is retried on
+        a fresh port when it dies at once (another process may have taken the port meanwhile)."""
         if self.proc is not None:
             return self
         if port_open(self.port):
             raise ServiceError(f"{self.name}: port {self.port} on 127.0.0.1 is already in use; "
                                "pick another with --port (0 = any free port)")
         self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self._log = log
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                     env=self.environment(), start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._cleanup()
-                raise ServiceError(f"{self.name} exited with code {self.proc.returncode} while starting: "
+        for attempt in range(3 if self._auto_port else 1):
+            if attempt:
+                self.port = free_port()
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+            self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                         cwd=self.root, env=self.environment(), start_new_session=True)
+            deadline = time.monotonic() + self.start_timeout_s
+            while time.monotonic() < deadline:
+                code = self.proc.poll()
+                if code is not None:
+                    self.stop()  # reap any children it left
+                    break
+                if self.healthy():
+                    return self
+                time.sleep(0.25)
+            else:
+                self.stop()
+                raise ServiceError(f"{self.name} did not become healthy within {self.start_timeout_s:.0f} s: "
                                    f"{self._last_log_line()} (log: {self.log_path})")
-            if self.healthy():
-                return self
-            time.sleep(0.25)
-        self.stop()
-        raise ServiceError(f"{self.name} did not become healthy within {self.start_timeout_s:.0f} s: "
+        raise ServiceError(f"{self.name} exited with code {code} while starting: "
                            f"{self._last_log_line()} (log: {self.log_path})")
 
     def stop(self, timeout_s: float = 10.0) -> None:

@@ -23,7 +23,9 @@ class MlflowService(Service):
                 "--workers", "1", "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}"]
 
     def environment(self) -> dict[str, str]:
-        return {**super().environment(), "MLFLOW_TELEMETRY_DISABLED": "1", "MLFLOW_DISABLE_TELEMETRY": "1"}
+        # no job runner: its huey consumer processes slow the start and ignore SIGTERM
+        return {**super().environment(), "MLFLOW_TELEMETRY_DISABLED": "1", "MLFLOW_DISABLE_TELEMETRY": "1",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def healthy(self) -> bool:
         try:
