@@ -1,9 +1,10 @@
 """The main job: ``cliplab demo`` (what ``make demo`` runs).
 
 On embedded defaults it starts a local S3 server, an MLflow server and a Ray cluster, renders the
-emoji corpus into shards, uploads them to S3, runs ``sweeps/demo.py`` on Ray Tune (one
-TorchTrainer per trial, 2 CPU workers with gloo DDP), registers the best trial as
-``cliplab-demo@champion`` and prints a table. Everything lives under ``--workdir``; runs and
+emoji corpus into shards, embeds its captions for X-CLR (a Ray Data job), uploads both to S3, runs
+``sweeps/demo.py`` on Ray Tune (one TorchTrainer per trial and objective, 2 CPU workers with gloo
+DDP), registers the best trial as ``cliplab-demo@champion`` and prints a table with a row per
+objective. Everything lives under ``--workdir``; runs and
 models persist there, so ``cliplab services mlflow --dir WORKDIR/services/mlflow`` reopens them.
 """
 
@@ -31,8 +32,10 @@ def _quick(sweep):
 def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool = False,
              extra_overrides: list[str] | None = None) -> dict:
     from cliplab.cli.sweep_cmd import print_outcome
+    from cliplab.data.captions import EMBED_DIR, embed_captions
     from cliplab.data.emoji import build_emoji_corpus
-    from cliplab.data.sources import upload
+    from cliplab.data.sources import resolve_shards, upload
+    from cliplab.train.launch import init_ray
     from cliplab.services import MlflowService, RayService, S3Service
     from cliplab.tune import load_sweep, run_sweep
 
@@ -54,11 +57,20 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
                 RayService(workdir / "services" / "ray") as ray_svc:
             os.environ.update(ray_svc.env())
             print(f"      S3 {s3.endpoint} | MLflow {mlflow_svc.uri} | Ray dashboard {ray_svc.dashboard_url}")
+            captions = corpus / "train" / EMBED_DIR
+            if any(captions.glob("*.parquet")) and \
+                    captions.stat().st_mtime >= (corpus / "stats.json").stat().st_mtime:
+                print(f"[3/5] caption embeddings (X-CLR): reusing {captions}")
+            else:
+                init_ray(ray_svc.address)
+                _, rows = embed_captions(resolve_shards(str(corpus / "train"), S3Config()), str(captions))
+                print(f"[3/5] caption embeddings (X-CLR): {rows} train captions -> {captions}")
             n = upload(corpus, f"s3://{BUCKET}/emoji", S3Config(endpoint_url=s3.endpoint))
-            print(f"[3/5] uploaded {n} files to s3://{BUCKET}/emoji/")
+            print(f"      uploaded {n} files to s3://{BUCKET}/emoji/")
             overrides = [
                 f"data.train=s3://{BUCKET}/emoji/train/",
                 f"data.val=s3://{BUCKET}/emoji/val/",
+                f"data.caption_embeddings=s3://{BUCKET}/emoji/train/{EMBED_DIR}",
                 f"data.s3.endpoint_url={s3.endpoint}",
                 f"tracking.uri={mlflow_svc.uri}",
                 f"storage_path={workdir / 'runs'}",

@@ -9,9 +9,9 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on embedded services",
                        description="Start local S3, MLflow and Ray; render the emoji corpus into shards "
-                                   "on S3; sweep CLIP's temperature and lr on Ray Tune; register the "
+                                   "on S3; train each objective (CLIP, SigLIP, CLOOB, MERU, X-CLR) on Ray Tune; register the "
                                    "best model as cliplab-demo@champion; print the results table.")
-    p.add_argument("--quick", action="store_true", help="2 short trials (a smoke run, ~2 minutes)")
+    p.add_argument("--quick", action="store_true", help="one short trial per objective (a smoke run, ~4 minutes)")
     p.add_argument("--workdir", type=Path, default=Path(".cliplab/demo"),
                    help="where data, services' state and runs live (default: .cliplab/demo)")
     p.add_argument("--sweep", type=Path, default=Path("sweeps/demo.py"), help="sweep file to run")

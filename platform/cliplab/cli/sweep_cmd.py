@@ -22,7 +22,7 @@ def print_outcome(sweep, outcome) -> None:
     from cliplab.report import markdown_table
 
     columns = [("trial", "trial"), ("objective", "objective")]
-    columns += [(key.split(".")[-1], key) for key in sweep.space]
+    columns += [(key.split(".")[-1], key) for key in sweep.space if key != "objective.name"]
     columns += [("val R@1 (i→t)", "val/image_to_text_R1"), ("val R@1 (t→i)", "val/text_to_image_R1"),
                 ("zero-shot top-1", "val/zeroshot_top1"), ("steps", "step")]
     rows = [{"objective": r.get("objective.name", sweep.base.objective.name), **r} for r in outcome.rows]
