@@ -138,6 +138,9 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "cliplab"
     run_name: str | None = None
+    spool_dir: str | None = None  # records wait here while MLflow is down (default: $TMPDIR/cliplab-mlflow-spool)
+    flush_timeout_s: float = 120.0  # at the end of a run, how long to wait for a down server
+    system_metrics: bool = True  # MLflow's CPU/memory/GPU sampling under system/
 
 
 @dataclass(frozen=True)
@@ -392,6 +395,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (all("{}" in t for t in cfg.eval.templates) and len(cfg.eval.templates) > 0,
          "eval.templates must be a non-empty list of strings containing '{}'"),
+        (cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,8 +35,8 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
     from cliplab.data.captions import EMBED_DIR, embed_captions
     from cliplab.data.emoji import build_emoji_corpus
     from cliplab.data.sources import resolve_shards, upload
-    from cliplab.train.launch import init_ray
     from cliplab.services import MlflowService, RayService, S3Service
+    from cliplab.train.launch import init_ray
     from cliplab.tune import load_sweep, run_sweep
 
     workdir = workdir.resolve()

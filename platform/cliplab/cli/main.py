@@ -11,7 +11,7 @@ import sys
 
 from cliplab.errors import CliplabError
 
-GROUPS = ("data", "services", "train", "sweep", "demo")
+GROUPS = ("data", "services", "train", "sweep", "demo", "tracking")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt  # so `finally` blocks stop the services this process started
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

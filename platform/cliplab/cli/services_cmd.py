@@ -16,8 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              description="A local S3 server (SeaweedFS `weed mini`) on 127.0.0.1.")
     _common(s3, "s3", 8333)
     s3.add_argument("--bucket", action="append", default=None, help="bucket to create (repeatable; default cliplab)")
-    s3.add_argument("--access-key", default="cliplab", help="access key id (default: cliplab)")
-    s3.add_argument("--secret-key", default="cliplab-secret", help="secret key (default: cliplab-secret)")
+    s3.add_argument("--access-key", default="cliplab-s3-admin", help="access key id (default: cliplab-s3-admin)")
+    s3.add_argument("--secret-key", default="cliplab-s3-secret-key", help="secret key (default: cliplab-s3-secret-key)")
     s3.set_defaults(func=run_s3)
 
     ml = services.add_parser("mlflow", help="mlflow server with sqlite and local artifacts",

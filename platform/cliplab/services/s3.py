@@ -21,8 +21,8 @@ class S3Service(Service):
 
     name = "S3 (SeaweedFS)"
 
-    def __init__(self, root: Path, port: int | None = None, access_key: str = "cliplab",
-                 secret_key: str = "cliplab-secret", buckets: tuple[str, ...] = ("cliplab",)) -> None:
+    def __init__(self, root: Path, port: int | None = None, access_key: str = "cliplab-s3-admin",
+                 secret_key: str = "cliplab-s3-secret-key", buckets: tuple[str, ...] = ("cliplab",)) -> None:
         super().__init__(root, port)
         self.access_key, self.secret_key, self.buckets = access_key, secret_key, tuple(buckets)
 

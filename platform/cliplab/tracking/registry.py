@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import cliplab
+
+
+def model_signature():
+    """Images (raw bytes; base64 strings over HTTP) and/or texts in; embeddings in the objective's
+    geometry out, plus the image-text similarity of each row when both are given."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema([ColSpec(DataType.binary, "image", required=False),
+                     ColSpec(DataType.string, "text", required=False)])
+    outputs = Schema([ColSpec(Array(DataType.double), "image_embedding", required=False),
+                      ColSpec(Array(DataType.double), "text_embedding", required=False),
+                      ColSpec(DataType.double, "similarity", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def write_open_clip_export(checkpoint_dir: Path, out: Path) -> Path:
+    """An open_clip-compatible export of a checkpoint: ``model.pt`` (the state dict that
+    ``open_clip.create_model(name, pretrained=path)`` loads), the architecture's JSON config,
+    the objective's scalars (``objective.pt``: τ, β, curvature, …) and a README saying how."""
+    import shutil
+
+    import open_clip
+
+    from cliplab.models import _register_bundled_configs
+    from cliplab.train.checkpoint import load_config
+
+    cfg = load_config(checkpoint_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint_dir / "model.pt", out / "model.pt")
+    shutil.copyfile(checkpoint_dir / "objective.pt", out / "objective.pt")
+    _register_bundled_configs()
+    (out / f"{cfg.model.name}.json").write_text(json.dumps(open_clip.get_model_config(cfg.model.name), indent=2))
+    (out / "README.md").write_text(
+        f"# open_clip export ({cfg.objective.name} objective)\n\n"
+        "```python\nimport open_clip\n"
+        f"# for a custom architecture first: open_clip.add_model_config('{cfg.model.name}.json')\n"
+        f"model = open_clip.create_model('{cfg.model.name}', pretrained='model.pt')\n```\n\n"
+        "`objective.pt` holds the objective's learned scalars (log temperature, Hopfield beta, "
+        "curvature, ...). Embeddings in the objective's geometry come from the registered MLflow "
+        "pyfunc, which applies them.\n")
+    return out
 
 
 def register_checkpoint(checkpoint_path: str, name: str, alias: str, *, uri: str,
@@ -16,16 +60,14 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str, *, uri: str
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
     from ray.train import Checkpoint
 
     from cliplab.tracking.pyfunc import CliplabPyfunc
 
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Checkpoint(checkpoint_path).to_directory(tmp)
-        example = pd.DataFrame({"text": ["an example caption"]})
-        signature = infer_signature(example, pd.DataFrame({"text_embedding": [[0.0, 1.0]]}))
+        local = Checkpoint(checkpoint_path).to_directory(str(Path(tmp) / "checkpoint"))
+        export = write_open_clip_export(Path(local), Path(tmp) / "open_clip")
         with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # type-hint and cloudpickle advice
@@ -33,10 +75,12 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str, *, uri: str
                 name="model",
                 python_model=CliplabPyfunc(),
                 artifacts={"checkpoint": local},
-                signature=signature,
+                signature=model_signature(),
+                input_example=pd.DataFrame({"text": ["an emoji of a red apple"]}),
                 pip_requirements=[f"cliplab=={cliplab.__version__}"],
                 registered_model_name=name,
             )
+            mlflow.log_artifacts(str(export), "open_clip")
     client = MlflowClient(uri)
     version = info.registered_model_version
     client.set_registered_model_alias(name, alias, version)

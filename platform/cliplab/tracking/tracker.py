@@ -97,26 +97,66 @@ def tracking_uri(cfg) -> str | None:
 
 
 def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
-    """Fail fast (before Ray work) when an http(s) tracking server does not answer."""
+    """Fail fast (before Ray work) when an http(s) tracking server does not answer.
+    Credentials in the URI (``http://user:pw@host``) are sent as basic auth and never printed."""
     if not uri or not uri.startswith(("http://", "https://")):
         return
+    import base64
     import urllib.error
+    import urllib.parse
     import urllib.request
 
+    from cliplab.tracking.secrets import Redactor
+
+    parts = urllib.parse.urlsplit(uri)
+    shown = Redactor().text(uri)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    request = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health",
+                                                              "", "")))
+    if parts.username is not None:
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             if resp.status == 200:
                 return
+    except urllib.error.HTTPError as err:
+        raise ServiceError(f"MLflow tracking server {shown} answered /health with HTTP {err.code}"
+                           + ("; check the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD)" if err.code in (401, 403)
+                              else "")) from None
     except (urllib.error.URLError, OSError) as err:
-        raise ServiceError(f"MLflow tracking server {uri} is unreachable ({getattr(err, 'reason', err)}); "
+        raise ServiceError(f"MLflow tracking server {shown} is unreachable ({getattr(err, 'reason', err)}); "
                            "start one with `cliplab services mlflow` or fix tracking.uri / "
                            "MLFLOW_TRACKING_URI") from None
-    raise ServiceError(f"MLflow tracking server {uri} answered /health with an error")
+    raise ServiceError(f"MLflow tracking server {shown} answered /health with an error")
 
 
-def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
-    """An MLflow tracker on rank 0 when a URI is configured; a no-op tracker otherwise."""
+def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str, str] | None = None,
+                  start_timeout_s: float = 30.0) -> Tracker:
+    """On rank 0 with a URI configured: a new MLflow run behind a :class:`SpoolingTracker`
+    (redacted, buffered on disk, never blocking training). Elsewhere a no-op tracker.
+
+    Creating the run needs the server; it is retried for ``start_timeout_s`` before giving up.
+    """
+    import time
+
+    from cliplab.tracking.secrets import Redactor
+    from cliplab.tracking.spool import SpoolingTracker, quiet_mlflow_retries
+
     uri = tracking_uri(cfg)
     if rank != 0 or not uri:
         return NoOpTracker()
-    return MlflowTracker(uri, cfg.experiment, run_name=run_name or cfg.run_name, tags=tags)
+    quiet_mlflow_retries()
+    redactor = Redactor()
+    name = redactor.text(run_name or cfg.run_name or "") or None
+    deadline = time.monotonic() + start_timeout_s
+    while True:
+        try:
+            run = MlflowTracker(uri, cfg.experiment, run_name=name, tags=redactor.params(tags or {}))
+            break
+        except Exception as err:  # noqa: BLE001 - network errors come in many types
+            if time.monotonic() > deadline:
+                raise ServiceError(f"cannot create an MLflow run at {redactor.text(uri)}: {err}") from None
+            time.sleep(2.0)
+    return SpoolingTracker(uri, run.run_id, spool_root=cfg.spool_dir, redactor=redactor,
+                           flush_timeout_s=cfg.flush_timeout_s)

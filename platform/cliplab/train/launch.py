@@ -78,6 +78,7 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cliplab.tracking.artifacts import provenance
     from cliplab.train.worker import train_loop_per_worker
 
     cfg = prep.cfg
@@ -86,7 +87,8 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
         resources["GPU"] = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "steps_per_epoch": steps, **(extra or {})},
+        train_loop_config={"experiment": to_dict(cfg), "steps_per_epoch": steps,
+                           "provenance": provenance(), **(extra or {})},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),

@@ -15,6 +15,7 @@ from cliplab.eval import evaluate_embeddings
 from cliplab.models import DualEncoder, build_model, freeze_text_tower
 from cliplab.objectives import build_objective
 from cliplab.tracking import build_tracker
+from cliplab.tracking.artifacts import plot_curves, provenance, write_config, write_eval_report
 from cliplab.train import checkpoint as ckpt
 from cliplab.train.step import build_optimizer, cosine_with_warmup, train_step, unwrap
 
@@ -70,7 +71,18 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = build_tracker(cfg.tracking, rank=rank, run_name=trial,
                             tags={"objective": cfg.objective.name, "model": cfg.model.name,
                                   "dataset": cfg.data.train, "sweep": config.get("sweep", "")})
-    tracker.log_params({**flatten(to_dict(cfg)), "train.world_size": ctx.world_size})
+    tracker.log_params({**flatten(to_dict(cfg)), "train.world_size": ctx.world_size,
+                        **(config.get("provenance") or provenance())})
+    history: list[tuple[int, dict[str, float]]] = []  # rank 0's logged metrics, for the curves plot
+    monitor = _start_system_metrics(cfg, tracker)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_config(to_dict(cfg), Path(tmp)):
+            tracker.log_artifact(path)
+
+    def log(metrics: dict[str, float]) -> None:
+        if rank == 0:
+            history.append((step, dict(metrics)))
+        tracker.log_metrics(metrics, step)
 
     def report(metrics: dict, with_checkpoint: bool, epoch: int) -> None:
         metrics = {**metrics, "step": step, "epoch": epoch, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
@@ -98,7 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
             seen += len(batch["image"])
             if step % cfg.train.log_every == 0:
                 metrics["train/samples_per_s_per_worker"] = seen / (time.perf_counter() - t0)
-                tracker.log_metrics(metrics, step)
+                log(metrics)
             if step >= total_steps:
                 break
             if step % cfg.train.checkpoint_every == 0:
@@ -107,9 +119,40 @@ def train_loop_per_worker(config: dict) -> None:
         last = epoch >= cfg.train.epochs or step >= total_steps
         if cfg.train.eval_every_epoch or last:
             metrics = {**metrics, **(_evaluate(model, bundle, cfg) if rank == 0 else {})}
-            tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step)
+            log({k: v for k, v in metrics.items() if k.startswith("val/")})
         if not last:
             report(metrics, with_checkpoint=False, epoch=epoch)
     # the final report always carries a checkpoint (what sweeps register) and the final eval
     report(metrics, with_checkpoint=True, epoch=epoch)
+    if rank == 0:
+        _log_run_artifacts(tracker, metrics, history, title=f"{trial} ({cfg.objective.name})")
+    if monitor is not None:
+        monitor.finish()
     tracker.finish()
+
+
+def _start_system_metrics(cfg: ExperimentConfig, tracker):
+    """MLflow's CPU/memory/GPU sampler (``system/*``) on the tracked rank, when enabled."""
+    uri = getattr(tracker, "uri", None)
+    if not (cfg.tracking.system_metrics and uri and getattr(tracker, "run_id", None)):
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10.0, samples_before_logging=1,
+                                       tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as err:  # noqa: BLE001 - system metrics are a nice-to-have, never fatal
+        logging.getLogger(__name__).warning("MLflow system metrics are off: %s", err)
+        return None
+
+
+def _log_run_artifacts(tracker, metrics: dict[str, float], history, *, title: str) -> None:
+    """The eval report (JSON + Markdown) and the learning curves (PNG) of a finished run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_eval_report(metrics, Path(tmp), title=title):
+            tracker.log_artifact(path, "eval")
+        plot = plot_curves(history, Path(tmp) / "learning_curves.png", title=title)
+        if plot is not None:
+            tracker.log_artifact(plot, "plots")

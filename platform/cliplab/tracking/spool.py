@@ -1,0 +1,252 @@
+"""An MLflow tracker that never makes training wait and never loses a record.
+
+Every call is redacted (:mod:`cliplab.tracking.secrets`), appended to an on-disk spool
+(``ops.jsonl``, one JSON record per call, numbered) and handed to a background thread that sends
+records to MLflow in order. When the server is unreachable the thread keeps retrying with
+backoff while training goes on; when it is back the backlog is flushed, with each metric's
+original step and timestamp. ``finish`` waits up to ``flush_timeout_s`` for the backlog. Anything
+still unsent stays in the spool, and ``cliplab tracking flush SPOOL`` sends it later.
+
+Spool layout (one folder per run)::
+
+    meta.json     {"uri": ..., "run_id": ...}
+    ops.jsonl     {"seq": n, "op": "params"|"metrics"|"tags"|"artifact"|"finish", ...}
+    acked         the highest seq MLflow has accepted
+    artifacts/    copies of logged files (redacted when they are text)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from cliplab.tracking.secrets import Redactor
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".txt", ".md", ".csv", ".log", ".toml", ".cfg", ".ini", ".py"}
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+MAX_PARAMS_PER_BATCH = 100
+
+
+def default_spool_root() -> Path:
+    return Path(tempfile.gettempdir()) / "cliplab-mlflow-spool"
+
+
+def _permanent(err: Exception) -> bool:
+    """A request the server understood and refused (bad value): retrying cannot help."""
+    from mlflow.exceptions import RestException
+
+    return isinstance(err, RestException)
+
+
+class Sender:
+    """Sends spool records to one MLflow run. Used by the background thread and by ``flush``."""
+
+    def __init__(self, uri: str, run_id: str, spool: Path) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+        self.spool = spool
+
+    def send(self, records: list[dict]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        head = records[0]["op"]
+        if head == "metrics":
+            items = [Metric(k, float(v), r["ts"], r["step"]) for r in records for k, v in r["data"].items()]
+            for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH], synchronous=True)
+        elif head == "params":
+            items = [Param(k, v[:6000]) for k, v in head_data(records).items()]
+            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+        elif head == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in head_data(records).items()],
+                                  synchronous=True)
+        elif head == "artifact":
+            self.client.log_artifact(self.run_id, str(self.spool / records[0]["file"]), records[0]["artifact_path"])
+        elif head == "finish":
+            self.client.set_terminated(self.run_id, records[0]["status"])
+
+
+def head_data(records: list[dict]) -> dict:
+    return records[0]["data"]
+
+
+def _next_batch(queue: deque) -> list[dict]:
+    """The head record, merged with the metric records right behind it."""
+    batch = [queue[0]]
+    if batch[0]["op"] == "metrics":
+        count = len(batch[0]["data"])
+        for rec in list(queue)[1:]:
+            if rec["op"] != "metrics" or count + len(rec["data"]) > 10 * MAX_METRICS_PER_BATCH:
+                break
+            batch.append(rec)
+            count += len(rec["data"])
+    return batch
+
+
+class SpoolingTracker:
+    """Wraps an existing MLflow run (``uri`` + ``run_id``); see the module docstring."""
+
+    def __init__(self, uri: str, run_id: str, *, spool_root: str | Path | None = None,
+                 redactor: Redactor | None = None, flush_timeout_s: float = 120.0,
+                 retry_s: float = 1.0, max_retry_s: float = 10.0) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.redactor = redactor or Redactor()
+        self.flush_timeout_s = flush_timeout_s
+        self.retry_s, self.max_retry_s = retry_s, max_retry_s
+        self.spool = Path(spool_root or default_spool_root()) / run_id
+        (self.spool / "artifacts").mkdir(parents=True, exist_ok=True)
+        meta = self.spool / "meta.json"
+        meta.write_text(json.dumps({"uri": uri, "run_id": run_id}))  # local only, owner-readable
+        meta.chmod(0o600)
+        self._ops = open(self.spool / "ops.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        self._queue: deque = deque()
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._closed = False
+        self.metrics_produced = 0
+        self.metrics_sent = 0
+        self.dropped: list[str] = []
+        self.outages = 0
+        self._sender = Sender(uri, run_id, self.spool)
+        self._thread = threading.Thread(target=self._run, name="cliplab-mlflow-sender", daemon=True)
+        self._thread.start()
+
+    # -- the Tracker protocol ------------------------------------------------------------------
+    def log_params(self, params):
+        self._put({"op": "params", "data": self.redactor.params(params)})
+
+    def log_metrics(self, metrics, step):
+        data = {self.redactor.text(k): float(v) for k, v in metrics.items()}
+        self.metrics_produced += len(data)
+        self._put({"op": "metrics", "step": int(step), "ts": int(time.time() * 1000), "data": data})
+
+    def set_tags(self, tags):
+        self._put({"op": "tags", "data": self.redactor.params(tags)})
+
+    def log_artifact(self, path, artifact_path=None):
+        path = Path(path)
+        with self._cond:
+            slot = f"artifacts/{self._seq}/{path.name}"
+        dest = self.spool / slot
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            dest.write_text(self.redactor.text(path.read_text(encoding="utf-8", errors="replace")), encoding="utf-8")
+        else:
+            shutil.copyfile(path, dest)
+        self._put({"op": "artifact", "file": slot, "artifact_path": artifact_path})
+
+    def finish(self, status="FINISHED"):
+        self._put({"op": "finish", "status": status})
+        drained = self.flush(self.flush_timeout_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        self._ops.close()
+        if drained:
+            shutil.rmtree(self.spool, ignore_errors=True)
+        else:
+            log.warning("MLflow at %s did not take %d tracking records of run %s in %.0f s; they are kept in "
+                        "%s. Send them later with `cliplab tracking flush %s`.",
+                        self.uri, len(self._queue), self.run_id, self.flush_timeout_s, self.spool, self.spool)
+
+    # -- the spool -----------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every record so far is in MLflow (True) or ``timeout_s`` passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=min(left, 0.5))
+        return True
+
+    def _put(self, record: dict) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("tracker already finished")
+            record["seq"] = self._seq
+            self._seq += 1
+            self._ops.write(json.dumps(record) + "\n")
+            self._ops.flush()
+            self._queue.append(record)
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        delay = self.retry_s
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = _next_batch(self._queue)
+            try:
+                self._sender.send(batch)
+            except Exception as err:  # noqa: BLE001 - any failure: keep the records, retry or drop
+                if _permanent(err):
+                    self.dropped.append(f"seq {batch[0]['seq']} ({batch[0]['op']}): {err}")
+                    log.warning("MLflow refused a %s record of run %s: %s", batch[0]["op"], self.run_id, err)
+                else:
+                    if delay == self.retry_s:
+                        self.outages += 1
+                        log.warning("MLflow at %s is unreachable (%s); training goes on and tracking records "
+                                    "are buffered in %s", self.uri, type(err).__name__, self.spool)
+                    with self._cond:
+                        if self._closed:
+                            return
+                        self._cond.wait(timeout=delay)
+                    delay = min(delay * 2, self.max_retry_s)
+                    continue
+            delay = self.retry_s
+            with self._cond:
+                for _ in batch:
+                    rec = self._queue.popleft()
+                    if rec["op"] == "metrics":
+                        self.metrics_sent += len(rec["data"])
+                (self.spool / "acked").write_text(str(batch[-1]["seq"]))
+                self._cond.notify_all()
+
+
+def flush_spool(spool: str | Path, uri: str | None = None) -> int:
+    """Send the unacknowledged records of a spool folder left by a run. Returns how many were sent."""
+    spool = Path(spool)
+    meta = json.loads((spool / "meta.json").read_text())
+    acked = int((spool / "acked").read_text()) if (spool / "acked").is_file() else -1
+    records = [json.loads(line) for line in (spool / "ops.jsonl").read_text().splitlines() if line.strip()]
+    queue = deque(r for r in records if r["seq"] > acked)
+    sender = Sender(uri or meta["uri"], meta["run_id"], spool)
+    sent = 0
+    while queue:
+        batch = _next_batch(queue)
+        sender.send(batch)
+        for _ in batch:
+            queue.popleft()
+        sent += len(batch)
+        (spool / "acked").write_text(str(batch[-1]["seq"]))
+    shutil.rmtree(spool, ignore_errors=True)
+    return sent
+
+
+def quiet_mlflow_retries() -> None:
+    """Let the spool do the retrying: MLflow's own HTTP retries back off for minutes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
