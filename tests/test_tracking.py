@@ -178,10 +178,14 @@ def test_a_training_run_logs_provenance_artifacts_and_no_secret(tmp_path, s3_ser
     from cliplab.train.launch import run_training
 
     uri_with_pw = mlflow_server.uri.replace("http://", "http://cliplab:planted-uri-pw-93@")
-    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"tracking.uri": uri_with_pw, "train.max_steps": 3})
+    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"tracking.uri": uri_with_pw, "train.max_steps": 3,
+                                                            "tracking.run_name": "tracked-run"})
     result = run_training(cfg, name="tracked")
     assert result.error is None
     client = MlflowClient(mlflow_server.uri)
+    # two workers, one run: only rank 0 logs
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert len(client.search_runs([exp.experiment_id], "attributes.run_name = 'tracked-run'")) == 1
     run = client.get_run(result.metrics["mlflow_run_id"])
     params, tags = run.data.params, run.data.tags
     assert params["git.sha"] not in ("", "unknown") and len(params["git.sha"].split("+")[0]) == 40
@@ -346,3 +350,72 @@ def test_mlflow_models_serve_answers_http_on_localhost(registered, mlflow_server
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_training_run_keeps_every_step_through_an_mlflow_outage(tmp_path, s3_server, ray_cluster):
+    """The real trainer against its own MLflow server, which is stopped once the run has logged
+    a few steps and restarted (same port, same store) 8 s later."""
+    import threading
+
+    from cliplab.services import MlflowService
+    from cliplab.train.launch import run_training
+
+    root = tmp_path / "mlflow"
+    server = MlflowService(root).start()
+    port, uri = server.port, server.uri
+    steps = 24
+    cfg = experiment(tmp_path, s3_server, server, **{"train.max_steps": steps, "train.epochs": 3,
+                                                     "train.checkpoint_every": 100, "train.eval_every_epoch": False,
+                                                     "tracking.experiment": "outage"})
+    window: dict[str, float] = {}
+    restarted: list = []
+
+    def outage():
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            exp = client.get_experiment_by_name("outage")
+            runs = client.search_runs([exp.experiment_id], max_results=1) if exp else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 3:
+                break
+            time.sleep(0.1)
+        window["down"] = time.time() * 1000
+        server.stop()
+        time.sleep(8)
+        window["up"] = time.time() * 1000
+        restarted.append(MlflowService(root, port=port).start())
+
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    try:
+        result = run_training(cfg, name="outage")
+        watcher.join(timeout=60)
+        assert result.error is None and result.metrics["step"] == steps
+        client = MlflowClient(uri)
+        history = client.get_metric_history(result.metrics["mlflow_run_id"], "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, steps + 1))
+        during = [m.step for m in history if window["down"] <= m.timestamp <= window["up"]]
+        assert during, "no step was produced while the server was down: the outage missed the run"
+        assert client.get_metric_history(result.metrics["mlflow_run_id"], "val/image_to_text_R1")
+        assert client.get_run(result.metrics["mlflow_run_id"]).info.status == "FINISHED"
+    finally:
+        for svc in restarted:
+            svc.stop()
+        server.stop()
+
+
+@pytest.mark.s3
+def test_the_embedded_server_can_keep_artifacts_on_s3(tmp_path, s3_server):
+    from cliplab.services import MlflowService
+
+    env = {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    with MlflowService(tmp_path / "mlflow", artifacts_destination="s3://cliplab/mlflow-artifacts", env=env) as svc:
+        run_id = _new_run(svc.uri, "s3-artifacts")
+        (tmp_path / "report.json").write_text('{"val/R1": 0.5}')
+        MlflowClient(svc.uri).log_artifact(run_id, str(tmp_path / "report.json"), "eval")
+        keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="cliplab",
+                                                                      Prefix="mlflow-artifacts/")["Contents"]]
+        assert any(k.endswith(f"{run_id}/artifacts/eval/report.json") for k in keys), keys

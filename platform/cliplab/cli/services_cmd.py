@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ml = services.add_parser("mlflow", help="mlflow server with sqlite and local artifacts",
                              description="A local `mlflow server` on 127.0.0.1; runs persist in --dir.")
     _common(ml, "mlflow", 5000)
+    ml.add_argument("--artifacts-destination", default=None, metavar="URI",
+                    help="where artifacts live, e.g. s3://bucket/mlflow (default: DIR/artifacts); for S3 "
+                         "the server uses AWS_* and MLFLOW_S3_ENDPOINT_URL from the environment")
     ml.set_defaults(func=run_mlflow)
 
     ray = services.add_parser("ray", help="a Ray head node with its dashboard",
@@ -62,7 +65,7 @@ def run_s3(args: argparse.Namespace) -> int:
 def run_mlflow(args: argparse.Namespace) -> int:
     from cliplab.services import MlflowService
 
-    svc = MlflowService(args.dir, args.port or None)
+    svc = MlflowService(args.dir, args.port or None, artifacts_destination=args.artifacts_destination)
     svc.start()
     return _serve(svc, [f"MLflow UI: {svc.uri}", f"export MLFLOW_TRACKING_URI={svc.uri}"])
 

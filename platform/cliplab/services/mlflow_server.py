@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 
 from cliplab.services.base import Service, venv_binary
 
 
 class MlflowService(Service):
-    """Runs and models persist under ``root`` (``mlflow.db`` and ``artifacts/``)."""
+    """Runs and models persist under ``root`` (``mlflow.db`` and ``artifacts/``).
+
+    ``artifacts_destination`` (``s3://bucket/prefix``) puts artifacts on S3 instead; the server
+    reaches it with the AWS_* variables and ``MLFLOW_S3_ENDPOINT_URL`` of its environment
+    (``env`` adds to it). Clients still upload and download through the server.
+    """
 
     name = "MLflow server"
+
+    def __init__(self, root: Path, port: int | None = None, *, artifacts_destination: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(root, port)
+        self.artifacts_destination = artifacts_destination or str(self.root / "artifacts")
+        self.extra_env = dict(env or {})
 
     @property
     def uri(self) -> str:
@@ -19,13 +31,13 @@ class MlflowService(Service):
     def command(self) -> list[str]:
         return [venv_binary("mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
+                "--artifacts-destination", self.artifacts_destination, "--serve-artifacts",
                 "--workers", "1", "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}"]
 
     def environment(self) -> dict[str, str]:
         # no job runner: its huey consumer processes slow the start and ignore SIGTERM
         return {**super().environment(), "MLFLOW_TELEMETRY_DISABLED": "1", "MLFLOW_DISABLE_TELEMETRY": "1",
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.extra_env}
 
     def healthy(self) -> bool:
         try:
