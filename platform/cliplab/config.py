@@ -103,6 +103,7 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     warmup_steps: int = 20
+    grad_clip_norm: float | None = None  # clip the global gradient norm (None: measure it, no clipping)
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,20 @@ class TrainConfig:
     cpus_per_worker: float = 0.5  # fractional, so Ray Data's read tasks are not starved
     gpus_per_worker: float = 1.0
     checkpoint_every: int = 50  # steps; a final checkpoint is always written
-    keep_checkpoints: int = 2
+    checkpoint_every_minutes: float | None = None  # also checkpoint when this much time has passed
+    keep_checkpoints: int = 2  # top-k by recency; older ones are deleted
     log_every: int = 10
     eval_every_epoch: bool = True
+    eval_every_steps: int | None = None  # in-training eval (retrieval + zero-shot on data.val)
     seed: int = 0
     torch_threads: int = 1
+    accum_steps: int = 1  # gradient accumulation with cached features: global negatives are kept
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the encoders
+    max_failures: int = 2  # Ray Train restarts from the latest checkpoint after a worker dies
+    max_nonfinite_steps: int = 5  # non-finite losses in a row that stop the run (each is skipped)
+    peak_tflops: float | None = None  # per-GPU peak for MFU (default: known GPUs' bf16 dense peak)
 
 
 @dataclass(frozen=True)
@@ -393,6 +403,16 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.accum_steps >= 1 and cfg.data.batch_size % cfg.train.accum_steps == 0
+         and cfg.data.batch_size // cfg.train.accum_steps >= 1,
+         "train.accum_steps must be >= 1 and divide data.batch_size"),
+        (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+        (cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0, "optim.grad_clip_norm must be > 0"),
+        (cfg.train.checkpoint_every_minutes is None or cfg.train.checkpoint_every_minutes > 0,
+         "train.checkpoint_every_minutes must be > 0"),
+        (cfg.train.eval_every_steps is None or cfg.train.eval_every_steps >= 1, "train.eval_every_steps must be >= 1"),
+        (cfg.train.max_failures >= 0, "train.max_failures must be >= 0"),
+        (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
         (all("{}" in t for t in cfg.eval.templates) and len(cfg.eval.templates) > 0,
          "eval.templates must be a non-empty list of strings containing '{}'"),
         (cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s must be >= 0"),

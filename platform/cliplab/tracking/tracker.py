@@ -132,11 +132,12 @@ def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
 
 
 def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str, str] | None = None,
-                  start_timeout_s: float = 30.0) -> Tracker:
+                  run_id: str | None = None, start_timeout_s: float = 30.0) -> Tracker:
     """On rank 0 with a URI configured: a new MLflow run behind a :class:`SpoolingTracker`
     (redacted, buffered on disk, never blocking training). Elsewhere a no-op tracker.
 
-    Creating the run needs the server; it is retried for ``start_timeout_s`` before giving up.
+    ``run_id`` continues an existing run (a restart from a checkpoint). Creating the run needs
+    the server; it is retried for ``start_timeout_s`` before giving up.
     """
     import time
 
@@ -152,7 +153,7 @@ def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str
     deadline = time.monotonic() + start_timeout_s
     while True:
         try:
-            run = MlflowTracker(uri, cfg.experiment, run_name=name, tags=redactor.params(tags or {}))
+            run = MlflowTracker(uri, cfg.experiment, run_name=name, tags=redactor.params(tags or {}), run_id=run_id)
             break
         except Exception as err:  # noqa: BLE001 - network errors come in many types
             if time.monotonic() > deadline:

@@ -36,6 +36,17 @@ def storage_path(cfg: ExperimentConfig) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def storage_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``storage_path`` for Ray Train; an ``s3://`` path goes through cliplab's S3 filesystem
+    (pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is passed explicitly)."""
+    path = storage_path(cfg)
+    if path.startswith("s3://"):
+        from cliplab.data.sources import s3_filesystem
+
+        return {"storage_path": path[len("s3://"):], "storage_filesystem": s3_filesystem(cfg.data.s3)}
+    return {"storage_path": path}
+
+
 def build_datasets(prep: Prepared) -> dict[str, Any]:
     import ray
 
@@ -75,7 +86,7 @@ def steps_per_epoch(cfg: ExperimentConfig, shards: ShardSet) -> int:
 
 def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps: int,
                   callbacks: list | None = None, extra: dict[str, Any] | None = None):
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cliplab.tracking.artifacts import provenance
@@ -94,8 +105,9 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path(cfg),
+            **storage_kwargs(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or [],
         ),
         datasets=datasets,

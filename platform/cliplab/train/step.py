@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -43,25 +44,123 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast (GPU runs) or nothing (fp32, the CPU default)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _extras(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"caption_embeddings": batch["caption_embedding"]} if "caption_embedding" in batch else {}
+
+
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], rows: slice) -> tuple:
+    return model(batch["image"][rows], batch["text"][rows],
+                 batch["image_2"][rows] if "image_2" in batch else None)
+
+
+def _loss(objective, features: tuple, ctx: DistContext, extras: dict):
+    image, text, *view_2 = features
+    return objective.loss(image, text, ctx, {**extras, **({"image_features_2": view_2[0]} if view_2 else {})})
+
+
+def compute_gradients(model: nn.Module, batch: dict[str, torch.Tensor], ctx: DistContext, *,
+                      accum_steps: int = 1, precision: str = "fp32"):
+    """Forward and backward of one optimizer step; gradients accumulate into ``.grad``.
+
+    With ``accum_steps = k`` the batch is split into k micro-batches and the global negatives
+    are kept, as open_clip's ``accum_freq`` does: features of every micro-batch are computed
+    without gradient and cached, then each micro-batch is recomputed with gradient and the loss
+    is taken over the whole batch (its own rows live, the others from the cache). The sum of
+    the k backward passes is the full-batch gradient of the encoders; the objective's scalars
+    see the full loss k times, so their gradient is divided by k. Activation memory is that of
+    one micro-batch. DDP synchronises only on the last backward.
+    """
+    objective = unwrap(model).objective
+    device = batch["image"].device
+    extras = _extras(batch)
+    n = len(batch["image"])
+    if accum_steps == 1:
+        with autocast(precision, device):
+            out = _loss(objective, _forward(model, batch, slice(None)), ctx, extras)
+        out.loss.backward()
+        return out
+    if n % accum_steps:
+        raise ValueError(f"batch of {n} does not split into {accum_steps} equal micro-batches")
+    m = n // accum_steps
+    parts = [slice(j * m, (j + 1) * m) for j in range(accum_steps)]
+    with torch.no_grad(), autocast(precision, device):
+        cached = [_forward(model, batch, rows) for rows in parts]
+    for j, rows in enumerate(parts):
+        last = j == accum_steps - 1
+        with (contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+            with autocast(precision, device):
+                live = _forward(model, batch, rows)
+                features = tuple(
+                    None if live[i] is None else torch.cat([live[i] if jj == j else cached[jj][i]
+                                                            for jj in range(accum_steps)])
+                    for i in range(len(live)))
+                out = _loss(objective, features, ctx, extras)
+            out.loss.backward()
+    for p in objective.parameters():
+        if p.grad is not None:
+            p.grad /= accum_steps
+    return out
+
+
+def _all_finite(loss: torch.Tensor, ctx: DistContext) -> bool:
+    """Whether the loss is finite on every rank (so all ranks skip a step together)."""
+    flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], device=loss.device)
+    if ctx.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, scheduler,
-               ctx: DistContext) -> dict[str, float]:
+               ctx: DistContext, *, accum_steps: int = 1, grad_clip_norm: float | None = None,
+               precision: str = "fp32") -> dict[str, float]:
     """One optimizer step on a batch of ``image`` and ``text`` tensors (plus ``image_2`` and
-    ``caption_embedding`` for X-CLR). Returns metrics."""
+    ``caption_embedding`` for X-CLR). Returns metrics; ``train/nonfinite`` is 1.0 when the loss
+    was not finite on some rank, in which case nothing was updated."""
     objective = unwrap(model).objective
     model.train()
-    image_features, text_features, *view_2 = model(batch["image"], batch["text"], batch.get("image_2"))
-    extras = {"image_features_2": view_2[0]} if view_2 else {}
-    if "caption_embedding" in batch:
-        extras["caption_embeddings"] = batch["caption_embedding"]
-    out = objective.loss(image_features, text_features, ctx, extras)
     optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    out = compute_gradients(model, batch, ctx, accum_steps=accum_steps, precision=precision)
+    if not _all_finite(out.loss, ctx):
+        optimizer.zero_grad(set_to_none=True)
+        return {"train/nonfinite": 1.0, "train/lr": scheduler.get_last_lr()[0]}
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm or float("inf"))
     optimizer.step()
     scheduler.step()
     objective.clamp_()
     metrics = {"train/loss": float(out.loss.detach()), "train/grad_norm": float(grad_norm),
-               "train/lr": scheduler.get_last_lr()[0]}
+               "train/lr": scheduler.get_last_lr()[0], "train/nonfinite": 0.0}
     metrics.update({f"train/{k}": float(v.detach()) for k, v in out.terms.items()})
     metrics.update(objective.metrics())
     return metrics
+
+
+class NonFiniteGuard:
+    """Counts skipped non-finite steps; ``limit`` in a row is an error (the run stops, keeping
+    its last good checkpoint)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        """True when the step was skipped. Raises :class:`NonFiniteLossError` at the limit."""
+        if metrics.get("train/nonfinite", 0.0) == 0.0:
+            self.in_row = 0
+            return False
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.in_row} non-finite losses in a row after step {step} ({self.total} skipped in all); "
+                "the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip_norm, or check the data.")
+        return True
+
+
+class NonFiniteLossError(RuntimeError):
+    pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -17,7 +18,8 @@ from cliplab.objectives import build_objective
 from cliplab.tracking import build_tracker
 from cliplab.tracking.artifacts import plot_curves, provenance, write_config, write_eval_report
 from cliplab.train import checkpoint as ckpt
-from cliplab.train.step import build_optimizer, cosine_with_warmup, train_step, unwrap
+from cliplab.train.metering import Throughput, count_flops
+from cliplab.train.step import NonFiniteGuard, build_optimizer, cosine_with_warmup, train_step, unwrap
 
 
 def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
@@ -37,6 +39,12 @@ def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
                                encode_texts, module.objective, batches, cfg.eval.templates)
 
 
+def _device() -> torch.device:
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -47,37 +55,47 @@ def train_loop_per_worker(config: dict) -> None:
     rank = context.get_world_rank()
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.train.seed)
+    device = _device()
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
 
     bundle = build_model(cfg.model)
     module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
     if not module.objective.needs_text:
         freeze_text_tower(module.model)
+    if cfg.train.grad_checkpointing:
+        module.model.set_grad_checkpointing(True)
     optimizer = build_optimizer(module, cfg.optim)
     total_steps = cfg.train.max_steps or cfg.train.epochs * config["steps_per_epoch"]
     scheduler = cosine_with_warmup(optimizer, cfg.optim.warmup_steps, total_steps)
-    step, start_epoch = 0, 0
+    step, start_epoch, run_id = 0, 0, None
     resume = ray.train.get_checkpoint()
-    if resume is not None:
+    if resume is not None:  # a FailureConfig restart or `cliplab train --resume`
         with resume.as_directory() as d:
             ckpt.load_weights(Path(d), module)
             state = ckpt.load_trainer_state(Path(d))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, start_epoch = state["step"], state["epoch"]
+        step, start_epoch, run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
+        ckpt.restore_rng(state)
+    if cfg.train.compile:
+        module.model.compile()  # in place: state dict keys stay open_clip's
     model = ray.train.torch.prepare_model(module)
     ctx = DistContext.current()
 
     trial = config.get("trial_name") or cfg.tracking.run_name or cfg.name
-    tracker = build_tracker(cfg.tracking, rank=rank, run_name=trial,
+    tracker = build_tracker(cfg.tracking, rank=rank, run_name=trial, run_id=run_id,
                             tags={"objective": cfg.objective.name, "model": cfg.model.name,
                                   "dataset": cfg.data.train, "sweep": config.get("sweep", "")})
-    tracker.log_params({**flatten(to_dict(cfg)), "train.world_size": ctx.world_size,
-                        **(config.get("provenance") or provenance())})
+    if run_id is None:
+        tracker.log_params({**flatten(to_dict(cfg)), "train.world_size": ctx.world_size,
+                            "train.precision_resolved": precision, **(config.get("provenance") or provenance())})
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_config(to_dict(cfg), Path(tmp)):
+                tracker.log_artifact(path)
     history: list[tuple[int, dict[str, float]]] = []  # rank 0's logged metrics, for the curves plot
     monitor = _start_system_metrics(cfg, tracker)
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in write_config(to_dict(cfg), Path(tmp)):
-            tracker.log_artifact(path)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    last_checkpoint_time = time.monotonic()
 
     def log(metrics: dict[str, float]) -> None:
         if rank == 0:
@@ -85,6 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.log_metrics(metrics, step)
 
     def report(metrics: dict, with_checkpoint: bool, epoch: int) -> None:
+        nonlocal last_checkpoint_time
         metrics = {**metrics, "step": step, "epoch": epoch, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
         if not with_checkpoint:
             ray.train.report(metrics)
@@ -92,28 +111,49 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                ckpt.save_checkpoint(Path(tmp), unwrap(model), optimizer, scheduler,
-                                     step=step, epoch=epoch, cfg=cfg)
+                ckpt.save_checkpoint(Path(tmp), unwrap(model), optimizer, scheduler, step=step, epoch=epoch,
+                                     cfg=cfg, extra={"mlflow_run_id": getattr(tracker, "run_id", None)})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+        last_checkpoint_time = time.monotonic()
+
+    def checkpoint_due() -> bool:
+        minutes = cfg.train.checkpoint_every_minutes
+        return step % cfg.train.checkpoint_every == 0 or (
+            minutes is not None and time.monotonic() - last_checkpoint_time >= 60 * minutes)
 
     shard = ray.train.get_dataset_shard("train")
+    meter = Throughput(ctx.world_size)
+    step_kwargs = {"accum_steps": cfg.train.accum_steps, "grad_clip_norm": cfg.optim.grad_clip_norm,
+                   "precision": precision}
+    flops_per_step: float | None = None
     metrics: dict[str, float] = {}
     epoch = start_epoch
     while epoch < cfg.train.epochs and step < total_steps:
-        t0, seen = time.perf_counter(), 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=4 * cfg.data.batch_size,
-                                              local_shuffle_seed=cfg.data.seed + epoch):
-            metrics = train_step(model, batch, optimizer, scheduler, ctx)
+        batches = shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
+                                           local_shuffle_buffer_size=4 * cfg.data.batch_size,
+                                           local_shuffle_seed=cfg.data.seed + epoch)
+        meter.start_epoch()
+        for batch in meter.timed(batches):
+            step_fn = functools.partial(train_step, model, batch, optimizer, scheduler, ctx, **step_kwargs)
+            if flops_per_step is None:  # count FLOPs once, on the first step
+                metrics, flops_per_step = count_flops(step_fn)
+            else:
+                metrics = step_fn()
+            meter.step_done(len(batch["image"]))
+            if guard.update(metrics, step):
+                log({"train/nonfinite_skipped": float(guard.total)})
+                continue
             step += 1
-            seen += len(batch["image"])
             if step % cfg.train.log_every == 0:
-                metrics["train/samples_per_s_per_worker"] = seen / (time.perf_counter() - t0)
+                metrics.update(meter.metrics(flops_per_step, device, cfg.train.peak_tflops))
+                metrics["train/nonfinite_skipped"] = float(guard.total)
                 log(metrics)
             if step >= total_steps:
                 break
-            if step % cfg.train.checkpoint_every == 0:
+            if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0:
+                log(_evaluate(model, bundle, cfg) if rank == 0 else {})
+            if checkpoint_due():
                 report(metrics, with_checkpoint=True, epoch=epoch)
         epoch += 1
         last = epoch >= cfg.train.epochs or step >= total_steps
