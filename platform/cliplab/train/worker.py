@@ -155,7 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
                 log(_evaluate(model, bundle, cfg) if rank == 0 else {})
             if checkpoint_due():
                 report(metrics, with_checkpoint=True, epoch=epoch)
-        epoch += 1
+        if step < total_steps:
+            epoch += 1  # a full pass; a run stopped by max_steps resumes inside the same epoch
         last = epoch >= cfg.train.epochs or step >= total_steps
         if cfg.train.eval_every_epoch or last:
             metrics = {**metrics, **(_evaluate(model, bundle, cfg) if rank == 0 else {})}

@@ -1,0 +1,93 @@
+"""The trainer on a real Ray cluster: a worker SIGKILLed mid-run, and `cliplab train --resume`."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import experiment
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.mlflow, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_at_the_exact_step(tmp_path, s3_server, mlflow_server,
+                                                                         ray_cluster):
+    from cliplab.train.launch import run_training
+
+    steps, every = 24, 5
+    cfg = experiment(tmp_path, s3_server, mlflow_server, **{
+        "train.max_steps": steps, "train.epochs": 4, "train.checkpoint_every": every,
+        "train.eval_every_epoch": False, "train.max_failures": 2, "tracking.run_name": "fault-run"})
+    killed: dict = {}
+    client = MlflowClient(mlflow_server.uri)
+
+    def killer():
+        """SIGKILL one worker two steps after the first checkpoint (step 5), before the second."""
+        deadline = time.monotonic() + 300
+        exp = None
+        while time.monotonic() < deadline:
+            exp = exp or client.get_experiment_by_name(cfg.tracking.experiment)
+            runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'fault-run'") if exp else []
+            logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] if runs else []
+            if logged and max(logged) >= every + 2:
+                pids = _train_worker_pids()
+                if pids:
+                    killed.update(pid=pids[-1], at_step=max(logged))
+                    os.kill(pids[-1], signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_training(cfg, name="fault")
+    thread.join(timeout=30)
+    assert "pid" in killed, "the run ended before a worker could be killed"
+    assert result.error is None and result.metrics["step"] == steps
+
+    history = client.get_metric_history(result.metrics["mlflow_run_id"], "train/loss")
+    seen = Counter(m.step for m in history)
+    assert sorted(seen) == list(range(1, steps + 1))  # one MLflow run, continued after the restart
+    redone = sum(c - 1 for c in seen.values())
+    # the restart resumed from a checkpoint at most one interval back, not from step 0
+    assert 0 < redone <= every, f"{redone} steps redone after a kill at step {killed['at_step']}"
+    assert client.get_run(result.metrics["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_cliplab_train_resume_continues_a_stopped_run(tmp_path, s3_server, mlflow_server, ray_cluster):
+    from cliplab.train.checkpoint import latest_checkpoint, load_trainer_state
+    from cliplab.train.launch import run_training
+
+    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"train.max_steps": 3, "train.checkpoint_every": 100,
+                                                            "train.eval_every_epoch": False})
+    first = run_training(cfg, name="resumable")
+    assert first.error is None and first.metrics["step"] == 3
+    proc = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "train", "--resume", "resumable",
+                           "--storage-path", cfg.storage_path, "--set", "train.max_steps=6"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming run resumable" in proc.stdout
+    final = latest_checkpoint(Path(cfg.storage_path) / "resumable")
+    assert load_trainer_state(final)["step"] == 6
+    history = MlflowClient(mlflow_server.uri).get_metric_history(first.metrics["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # the same MLflow run goes on
+
+    missing = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "train", "--resume", "no-such-run",
+                              "--storage-path", cfg.storage_path], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "no complete checkpoint under" in missing.stderr
