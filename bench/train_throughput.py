@@ -1,0 +1,107 @@
+"""cliplab's training step against `open_clip_train.main`, same model, batch and precision.
+
+    PYTHONPATH=platform python bench/train_throughput.py                                # GPU: ViT-B-32, 512, bf16
+    PYTHONPATH=platform python bench/train_throughput.py --model cliplab-tiny --batch 64 --device cpu
+
+1. `open_clip_train.main` (from the installed open_clip wheel) with `--dataset-type synthetic`,
+   run in a subprocess; its own per-step `samples/s` log lines are parsed.
+2. cliplab's Ray-free step (`cliplab.train.step.train_step`: DualEncoder + the `clip` objective
+   + AdamW with CLIP's parameter groups) on synthetic tensors, optionally under `torch.compile`,
+   timed per step in this process.
+
+Both drop the first `--warmup` steps and report the median samples/s. open_clip's figure
+includes its synthetic data loader (a worker process); cliplab's is the step alone, because its
+data path (Ray Data) runs in separate CPU tasks. Prints a Markdown table and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cliplab.config import ModelConfig, ObjectiveConfig, OptimConfig
+from cliplab.distributed import DistContext
+from cliplab.models import CONFIG_DIR, DualEncoder, build_model
+from cliplab.objectives import build_objective
+from cliplab.train.step import build_optimizer, cosine_with_warmup, train_step
+
+OPEN_CLIP_PRECISION = {"bf16": "amp_bf16", "fp32": "fp32"}
+
+
+def open_clip_train(args) -> float:
+    """Median samples/s of open_clip_train.main on synthetic data."""
+    with tempfile.TemporaryDirectory() as logs:
+        argv = ["--dataset-type", "synthetic", "--train-num-samples", str(args.steps * args.batch),
+                "--batch-size", str(args.batch), "--epochs", "1", "--model", args.model, "--workers", "1",
+                "--precision", OPEN_CLIP_PRECISION[args.precision], "--device", args.device,
+                "--log-every-n-steps", "1", "--logs", logs, "--name", "bench", "--save-frequency", "0",
+                "--report-to", "", "--warmup", "10", "--lr", "5e-4"]
+        code = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+                "from open_clip_train.main import main; main(sys.argv[2:])")
+        proc = subprocess.run([sys.executable, "-c", code, str(CONFIG_DIR), *argv], capture_output=True, text=True)
+        log = Path(logs, "bench", "out.log")
+        if proc.returncode != 0 or not log.is_file():
+            raise SystemExit(f"open_clip_train failed:\n{proc.stderr[-3000:]}")
+        rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", log.read_text())]
+    return statistics.median(rates[args.warmup:])
+
+
+def cliplab_step(args, compile_model: bool) -> float:
+    """Median samples/s of cliplab's train_step on synthetic tensors."""
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name=args.model))
+    module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name="clip"), bundle.embed_dim)).to(args.device)
+    if compile_model:
+        module.model.compile()
+    opt = build_optimizer(module, OptimConfig())
+    sched = cosine_with_warmup(opt, 10, 10_000)
+    size = bundle.model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    batch = {"image": torch.randn(args.batch, 3, size, size, device=args.device),
+             "text": torch.randint(0, 49408, (args.batch, bundle.context_length), device=args.device)}
+    times = []
+    for _ in range(args.steps):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(module, batch, opt, sched, DistContext(), precision=args.precision)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return args.batch / statistics.median(times[args.warmup:])
+
+
+def main() -> None:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ViT-B-32" if gpu else "cliplab-tiny")
+    p.add_argument("--batch", type=int, default=512 if gpu else 64)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if gpu else "fp32")
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="also time cliplab's step under torch.compile")
+    args = p.parse_args()
+
+    rows = [("open_clip_train.main (synthetic)", open_clip_train(args))]
+    rows.append(("cliplab train_step (eager)", cliplab_step(args, compile_model=False)))
+    if args.compile:
+        rows.append(("cliplab train_step (torch.compile)", cliplab_step(args, compile_model=True)))
+    base = rows[0][1]
+    device = torch.cuda.get_device_name() if gpu and args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.model}, batch {args.batch}, {args.precision}, {device}, median of steps {args.warmup}..{args.steps}\n")
+    print("| trainer | samples/s | vs open_clip_train |\n| --- | --- | --- |")
+    for name, rate in rows:
+        print(f"| {name} | {rate:,.0f} | {rate / base:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
