@@ -17,7 +17,7 @@ from ray import tune
 
 from cliplab.config import with_overrides
 from cliplab.experiments import emoji_base
-from cliplab.tune import Sweep
+from cliplab.tune import NoScheduler, Sweep
 
 SWEEP = Sweep(
     # preset temperatures (None) instead of the base's CLIP τ, and the lr the earlier τ × lr demo
@@ -26,6 +26,7 @@ SWEEP = Sweep(
     space={"objective.name": tune.grid_search(["clip", "siglip", "cloob", "meru", "xclr"])},
     metric="val/image_to_text_R1",
     mode="max",
+    scheduler=NoScheduler(),  # every objective gets the full budget: no early stopping
     max_concurrent_trials=1,
     register_as="cliplab-demo",
 )

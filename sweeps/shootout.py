@@ -13,7 +13,7 @@ from ray import tune
 
 from cliplab.experiments import emoji_base
 from cliplab.report import markdown_table
-from cliplab.tune import Sweep
+from cliplab.tune import NoScheduler, Sweep
 
 METRICS = {"val R@1 (i→t)": "val/image_to_text_R1", "val R@1 (t→i)": "val/text_to_image_R1",
            "zero-shot top-1": "val/zeroshot_top1"}
@@ -42,5 +42,6 @@ SWEEP = Sweep(
     },
     metric="val/image_to_text_R1",
     mode="max",
+    scheduler=NoScheduler(),  # every objective gets the full budget: no early stopping
     summarize=summarize,
 )

@@ -96,6 +96,8 @@ def test_sweep_file_loads_with_hypothesis_and_trial_count(tmp_path):
 @pytest.mark.parametrize("space, message", [
     ("{'objective.temperature': tune.grid_search([0.07, 2.0])}", "objective.temperature must be in"),
     ("{'optim.lrate': tune.choice([1e-3])}", "unknown config key 'optim.lrate'; valid keys: lr,"),
+    ("{'objective.hopfield_beta': tune.uniform(8.0, 2.0)}", "search space 'objective.hopfield_beta': empty range"),
+    ("{'optim.lr': tune.grid_search([])}", "search space 'optim.lr': grid_search needs at least one value"),
 ])
 def test_sweep_space_is_validated_before_any_ray_work(tmp_path, space, message):
     from cliplab.tune import load_sweep

@@ -61,3 +61,135 @@ def test_two_trial_sweep_registers_a_loadable_champion(tmp_path, s3_server, mlfl
         expected = module.objective.embed(
             module.model.encode_text(bundle.tokenizer(["red apple", "grinning face"]), normalize=False))
     torch.testing.assert_close(served, expected, atol=1e-6, rtol=1e-5)
+
+
+def _children(client: MlflowClient, experiment: str, parent_run_id: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_asha_stops_weak_trials_and_the_sweep_leaves_a_table_plots_and_parent_child_runs(
+        tmp_path, s3_server, mlflow_server, ray_cluster):
+    from cliplab.tune import ASHA, Sweep, run_sweep
+
+    base = experiment(tmp_path, s3_server, mlflow_server, **{
+        "train.max_steps": None, "train.epochs": 2, "train.num_workers": 1, "train.checkpoint_every": 1000,
+        "train.eval_every_epoch": True, "optim.warmup_steps": 0, "tracking.experiment": "asha"})
+    # one learning trial first, then three that cannot learn (lr 1e-8): ASHA's first rung (epoch 1)
+    # keeps the top half by train loss, so the later ones stop there
+    sweep = Sweep(base=base, space={"optim.lr": tune.grid_search([3e-3, 1e-8, 1.1e-8, 1.2e-8])},
+                  metric="train/loss", mode="min", scheduler=ASHA(grace_period=1, reduction_factor=2),
+                  name="asha-test")
+    outcome = run_sweep(sweep, register=False)
+    assert not outcome.errors
+    assert len(outcome.rows) == 4
+    stops = {r["optim.lr"]: r["stop_reason"] for r in outcome.rows}
+    assert stops[3e-3] == "completed"
+    assert any(s.startswith("stopped early at epoch 1") for s in stops.values()), stops
+
+    md = outcome.files["md"].read_text()
+    assert "| trial " in md and "stop reason" in md and md.count("| trial_") == 4
+    assert outcome.files["csv"].read_text().splitlines()[0].startswith("trial,optim.lr,train/loss")
+    for key in ("plot:optim.lr", "plot:curves"):
+        assert outcome.files[key].stat().st_size > 5000  # a real PNG, not an empty canvas
+    assert outcome.files["plot:curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    client = MlflowClient(mlflow_server.uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.tags["cliplab.kind"] == "sweep" and parent.info.status == "FINISHED"
+    assert parent.data.params["space.optim.lr"].startswith("{'grid_search'")
+    children = _children(client, "asha", outcome.parent_run_id)
+    assert len(children) == 4 and {c.data.tags["sweep"] for c in children} == {"asha-test"}
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"results.md", "results.csv", "plots"} <= artifacts
+
+
+SWEEP_FILE = '''"""Hypothesis: resuming keeps finished trials."""
+from ray import tune
+from cliplab.config import ExperimentConfig
+from cliplab.tune import NoScheduler, Sweep
+SWEEP = Sweep(base=ExperimentConfig(), space={"optim.lr": tune.grid_search([1e-3, 2e-3, 3e-3])},
+              scheduler=NoScheduler(), name="resumable-sweep")
+'''
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s3_server, mlflow_server,
+                                                                       ray_cluster):
+    import signal
+    import time
+
+    from cliplab.config import flatten, to_dict
+
+    path = tmp_path / "resumable.py"
+    path.write_text(SWEEP_FILE)
+    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"train.max_steps": 6, "train.checkpoint_every": 2,
+                                                            "tracking.experiment": "resume"})
+    sets = []
+    for key, value in flatten(to_dict(cfg)).items():
+        if key.startswith(("data.", "train.", "tracking.", "eval.", "storage_path", "name")) and value is not None:
+            sets += ["--set", f"{key}={json.dumps(value) if isinstance(value, (list, tuple)) else value}"]
+    cmd = [sys.executable, "-m", "cliplab.cli.main", "sweep", str(path), "--no-register", *sets]
+    client = MlflowClient(mlflow_server.uri)
+
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 400
+    finished: list = []
+    while time.monotonic() < deadline and first.poll() is None:
+        exp = client.get_experiment_by_name("resume")
+        runs = client.search_runs([exp.experiment_id], "tags.sweep = 'resumable-sweep'") if exp else []
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if finished:
+            break
+        time.sleep(0.5)
+    assert finished, "no trial finished before the deadline"
+    first.send_signal(signal.SIGKILL)  # the driver dies mid-sweep
+    first.wait(timeout=30)
+    done_trial = finished[0].data.tags["mlflow.runName"]
+
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| trial_")]
+    assert len(rows) == 3 and all("| 6 " in r and "completed" in r for r in rows), proc.stdout[-3000:]
+    exp = client.get_experiment_by_name("resume")
+    trial_runs = client.search_runs([exp.experiment_id], "tags.sweep = 'resumable-sweep'")
+    names = [r.data.tags["mlflow.runName"] for r in trial_runs]
+    assert names.count(done_trial) == 1, f"finished trial {done_trial} was run again: {names}"
+    assert len(set(names)) == 3 and len(names) == 3  # the interrupted trial continued its own run
+
+
+def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
+    from cliplab.config import ExperimentConfig, with_overrides
+    from cliplab.models import DualEncoder, build_model
+    from cliplab.objectives import build_objective
+    from cliplab.train.checkpoint import save_checkpoint
+    from cliplab.train.step import build_optimizer, cosine_with_warmup
+    from cliplab.tune import Sweep
+    from cliplab.tune.promote import better, register_and_promote
+
+    assert better(0.5, None, "max") and better(0.6, 0.5, "max") and not better(0.5, 0.5, "max")
+    assert better(0.4, 0.5, "min") and not better(0.6, 0.5, "min")
+
+    cfg = with_overrides(ExperimentConfig(), {"tracking.uri": mlflow_server.uri, "tracking.experiment": "promote"})
+    bundle = build_model(cfg.model)
+    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
+    opt = build_optimizer(module, cfg.optim)
+    ckpt = save_checkpoint(tmp_path / "ckpt", module, opt, cosine_with_warmup(opt, 1, 10), step=1, epoch=0, cfg=cfg)
+    sweep = Sweep(base=cfg, space={}, register_as="promotion-test", name="promo")
+    client = MlflowClient(mlflow_server.uri)
+    decisions = []
+    for value in (0.5, 0.3, 0.7):
+        reg = register_and_promote(sweep, {"trial": "t", "checkpoint_path": str(ckpt),
+                                           "val/image_to_text_R1": value})
+        decisions.append((reg["version"], reg["alias"]))
+        assert "champion" in reg["decision"] or "challenger" in reg["decision"]
+    assert decisions == [(1, "champion"), (2, "challenger"), (3, "champion")]
+    assert client.get_model_version_by_alias("promotion-test", "champion").version == "3"
+    assert client.get_model_version_by_alias("promotion-test", "challenger").version == "2"
+    assert client.get_model_version("promotion-test", "3").tags["metric.val/image_to_text_R1"] == "0.7"
+
+    listing = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "registry", "list", "promotion-test",
+                              "--tracking-uri", mlflow_server.uri], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and "| 2       | challenger" in listing.stdout, listing.stdout + listing.stderr
+    promote = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "registry", "promote", "promotion-test", "2",
+                              "--tracking-uri", mlflow_server.uri], capture_output=True, text=True, timeout=120)
+    assert promote.returncode == 0 and client.get_model_version_by_alias("promotion-test", "champion").version == "2"

@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a base config value, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--no-register", action="store_true", help="do not register the best model")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, unfinished ones restart "
+                        "from their checkpoints")
     p.set_defaults(func=run)
 
 
@@ -24,7 +27,7 @@ def print_outcome(sweep, outcome) -> None:
     columns = [("trial", "trial"), ("objective", "objective")]
     columns += [(key.split(".")[-1], key) for key in sweep.space if key != "objective.name"]
     columns += [("val R@1 (i→t)", "val/image_to_text_R1"), ("val R@1 (t→i)", "val/text_to_image_R1"),
-                ("zero-shot top-1", "val/zeroshot_top1"), ("steps", "step")]
+                ("zero-shot top-1", "val/zeroshot_top1"), ("steps", "step"), ("stop", "stop_reason")]
     rows = [{"objective": r.get("objective.name", sweep.base.objective.name), **r} for r in outcome.rows]
     print(markdown_table(rows, columns))
     if outcome.rows and "val/retrieval_chance_R1" in outcome.rows[0]:
@@ -39,6 +42,10 @@ def print_outcome(sweep, outcome) -> None:
     if outcome.registered:
         reg = outcome.registered
         print(f"registered: {reg['name']} version {reg['version']}, alias '{reg['alias']}' -> {reg['model_uri']}")
+        if reg.get("decision"):
+            print(f"promotion: {reg['decision']}")
+    if outcome.files:
+        print(f"results: {outcome.files['md']} (and .csv, plots/)")
     for err in outcome.errors:
         print(f"trial error: {err}")
 
@@ -48,6 +55,6 @@ def run(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.file, args.overrides)
     print(f"sweep {sweep.name}: {sweep.hypothesis.splitlines()[0] if sweep.hypothesis else ''}")
-    outcome = run_sweep(sweep, address=args.address, register=not args.no_register)
+    outcome = run_sweep(sweep, address=args.address, register=not args.no_register, resume=args.resume)
     print_outcome(sweep, outcome)
     return 0 if outcome.best and not outcome.errors else 1

@@ -53,10 +53,11 @@ def write_open_clip_export(checkpoint_dir: Path, out: Path) -> Path:
     return out
 
 
-def register_checkpoint(checkpoint_path: str, name: str, alias: str, *, uri: str,
-                        run_id: str | None = None) -> dict[str, Any]:
+def register_checkpoint(checkpoint_path: str, name: str, alias: str | None, *, uri: str,
+                        run_id: str | None = None, version_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Log the checkpoint as a pyfunc model (in ``run_id``'s run when given), register it as
-    ``name`` and point ``alias`` at the new version. Returns name, version, alias and model URI."""
+    ``name`` with ``version_tags`` and, when given, point ``alias`` at the new version. Returns
+    name, version, alias and model URI."""
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
@@ -83,6 +84,9 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str, *, uri: str
             mlflow.log_artifacts(str(export), "open_clip")
     client = MlflowClient(uri)
     version = info.registered_model_version
-    client.set_registered_model_alias(name, alias, version)
+    for key, value in (version_tags or {}).items():
+        client.set_model_version_tag(name, version, key, str(value))
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": int(version), "alias": alias,
-            "model_uri": f"models:/{name}@{alias}", "run_id": info.run_id}
+            "model_uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}", "run_id": info.run_id}

@@ -85,7 +85,9 @@ def train_loop_per_worker(config: dict) -> None:
     trial = config.get("trial_name") or cfg.tracking.run_name or cfg.name
     tracker = build_tracker(cfg.tracking, rank=rank, run_name=trial, run_id=run_id,
                             tags={"objective": cfg.objective.name, "model": cfg.model.name,
-                                  "dataset": cfg.data.train, "sweep": config.get("sweep", "")})
+                                  "dataset": cfg.data.train, "sweep": config.get("sweep", ""),
+                                  **({"mlflow.parentRunId": config["parent_run_id"]}
+                                     if config.get("parent_run_id") else {})})
     if run_id is None:
         tracker.log_params({**flatten(to_dict(cfg)), "train.world_size": ctx.world_size,
                             "train.precision_resolved": precision, **(config.get("provenance") or provenance())})

@@ -13,10 +13,43 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cliplab.config import ExperimentConfig, load_python_file, parse_override, validate, with_overrides
 from cliplab.errors import ConfigError
+
+
+class Scheduler(Protocol):
+    """Builds a Tune trial scheduler for a sweep (metric, mode and the epoch budget known)."""
+
+    def build(self, metric: str, mode: str, max_epochs: int): ...
+
+
+@dataclass(frozen=True)
+class ASHA:
+    """Asynchronous successive halving over epochs: at each rung (``grace_period`` epochs, then
+    × ``reduction_factor``) a trial continues only if it is in the top 1/``reduction_factor`` of
+    the trials that reached that rung. Trials must evaluate each epoch (``train.eval_every_epoch``)."""
+
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def build(self, metric: str, mode: str, max_epochs: int):
+        from ray.tune.schedulers import ASHAScheduler
+
+        # metric and mode come from TuneConfig (Tune refuses them twice)
+        return ASHAScheduler(time_attr="epoch", max_t=max(max_epochs, 1), grace_period=self.grace_period,
+                             reduction_factor=self.reduction_factor)
+
+
+@dataclass(frozen=True)
+class NoScheduler:
+    """Every trial runs its full budget (FIFO)."""
+
+    def build(self, metric: str, mode: str, max_epochs: int):
+        from ray.tune.schedulers import FIFOScheduler
+
+        return FIFOScheduler()
 
 
 @dataclass(frozen=True)
@@ -24,7 +57,11 @@ class Sweep:
     """A question as code. The sweep file's docstring states the hypothesis.
 
     ``space`` maps dotted config keys to Ray Tune domains (``tune.grid_search``, ``tune.choice``,
-    ``tune.uniform``, ``tune.loguniform``) or plain values.
+    ``tune.uniform``, ``tune.loguniform``, ``tune.randint``) or plain values; grids are crossed and
+    distributions sampled at random ``num_samples`` times (Tune's basic variant generator).
+    ``scheduler`` is :class:`ASHA` (early stopping, the default) or :class:`NoScheduler`. Each trial
+    takes ``train.num_workers`` × (``train.cpus_per_worker`` CPUs, ``train.gpus_per_worker`` GPUs);
+    ``max_concurrent_trials`` of them must fit the cluster (checked before launching).
     """
 
     base: ExperimentConfig
@@ -38,6 +75,7 @@ class Sweep:
     hypothesis: str = ""
     name: str = "sweep"
     summarize: Callable[[list[dict[str, Any]]], str] | None = None  # extra report from the rows
+    scheduler: Scheduler = field(default_factory=ASHA)
 
     @property
     def num_trials(self) -> int:
@@ -55,6 +93,8 @@ class SweepOutcome:
     best: dict[str, Any] | None
     registered: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)  # results table (csv, md) and plots
+    parent_run_id: str | None = None
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -83,7 +123,13 @@ def _enumerable_points(space: dict[str, Any]) -> list[dict[str, Any]]:
     and values before launching anything."""
     points: list[dict[str, Any]] = []
     for key, domain in space.items():
+        lower, upper = getattr(domain, "lower", None), getattr(domain, "upper", None)
+        if lower is not None and upper is not None and not lower < upper:
+            raise ConfigError(f"search space '{key}': empty range [{lower}, {upper}); the lower bound must be "
+                              "below the upper")
         if isinstance(domain, dict) and "grid_search" in domain:
+            if not domain["grid_search"]:
+                raise ConfigError(f"search space '{key}': grid_search needs at least one value")
             values = domain["grid_search"]
         elif hasattr(domain, "categories"):
             values = domain.categories
@@ -95,8 +141,10 @@ def _enumerable_points(space: dict[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
-def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict, steps: int, sweep: str) -> None:
-    """The Tune trainable: one TorchTrainer per trial, reporting through TuneReportCallback."""
+def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict, steps: int, sweep: str,
+           parent_run_id: str | None) -> None:
+    """The Tune trainable: one TorchTrainer per trial, reporting through TuneReportCallback.
+    Its Ray Train run is named after the trial, so a restarted trial resumes from its checkpoint."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -106,7 +154,8 @@ def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict,
     trial = tune.get_context().get_trial_name()
     prep = Prepared(cfg=cfg, **prep_fields)
     trainer = build_trainer(prep, name=f"{sweep}-{trial}", datasets=build_datasets(prep), steps=steps,
-                            callbacks=[TuneReportCallback()], extra={"trial_name": trial, "sweep": sweep})
+                            callbacks=[TuneReportCallback()],
+                            extra={"trial_name": trial, "sweep": sweep, "parent_run_id": parent_run_id})
     trainer.fit()
 
 
@@ -114,47 +163,105 @@ def _trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True) -> SweepOutcome:
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one trial's TorchTrainer holds: its workers (the trial's driver needs ~nothing)."""
+    t = cfg.train
+    out = {"CPU": t.num_workers * t.cpus_per_worker}
+    if t.use_gpu:
+        out["GPU"] = t.num_workers * t.gpus_per_worker
+    return out
+
+
+def check_fits(sweep: Sweep, cluster: dict[str, float]) -> None:
+    """Concurrent trials × workers × resources must fit the cluster, or trials wait forever."""
+    need = trial_resources(sweep.base)
+    concurrent = min(sweep.max_concurrent_trials, sweep.num_trials) or 1
+    for kind, amount in need.items():
+        have = cluster.get(kind, 0.0)
+        if amount > have:
+            raise ConfigError(f"one trial needs {amount:g} {kind} ({sweep.base.train.num_workers} workers) but the "
+                              f"cluster has {have:g}: lower train.num_workers or train.{kind.lower()}s_per_worker")
+        if amount * concurrent > have + 1e-9:
+            raise ConfigError(f"{concurrent} concurrent trials need {amount * concurrent:g} {kind}, the cluster has "
+                              f"{have:g}: lower max_concurrent_trials to {int(have // amount)} or use fractional "
+                              f"train.{kind.lower()}s_per_worker")
+
+
+def sweep_dir(sweep: Sweep) -> str:
+    from cliplab.train.launch import storage_path
+
+    return f"{storage_path(sweep.base).rstrip('/')}/{sweep.name}"
+
+
+def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True,
+              resume: bool = False) -> SweepOutcome:
+    """Run (or with ``resume`` continue) a sweep; then report, plot, log the parent MLflow run and
+    register the best trial (champion only if it beats the current one, else challenger)."""
+    import ray
     from ray import tune
 
-    from cliplab.train.launch import init_ray, preflight, steps_per_epoch, storage_path
+    from cliplab.train.launch import init_ray, preflight, steps_per_epoch, storage_kwargs
+    from cliplab.tune import report
+    from cliplab.tune.parent import ParentRun
 
     prep = preflight(sweep.base)
     # checkpoint and per-epoch reports come before the first eval, so not every result has the metric
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(address)
+    check_fits(sweep, ray.cluster_resources())
     steps = steps_per_epoch(sweep.base, prep.train)
-    trainable = tune.with_parameters(
-        _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val}, steps=steps, sweep=sweep.name
-    )
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 0.01}),  # the driver only waits on its TorchTrainer
-        param_space=sweep.space,
-        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                                    max_concurrent_trials=sweep.max_concurrent_trials,
-                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path(sweep.base)),
-    )
+    storage = storage_kwargs(sweep.base)
+    path = sweep_dir(sweep)
+    parent = ParentRun.open(sweep, path, resume=resume)
+    trainable = tune.with_resources(tune.with_parameters(
+        _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val}, steps=steps, sweep=sweep.name,
+        parent_run_id=parent.run_id), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
+    if resume:
+        if not tune.Tuner.can_restore(path, storage_filesystem=storage.get("storage_filesystem")):
+            raise ConfigError(f"nothing to resume at {path}: run the sweep without --resume first")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=sweep.space, storage_filesystem=storage.get("storage_filesystem"))
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=sweep.space,
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials,
+                scheduler=sweep.scheduler.build(sweep.metric, sweep.mode, sweep.base.train.epochs),
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=sweep.name, **storage),
+        )
     grid = tuner.fit()
-    rows, errors = [], []
+    total = sweep.base.train.max_steps or sweep.base.train.epochs * steps
+    rows, errors, curves = [], [], {}
     for result in grid:
-        if result.error:
-            errors.append(f"{result.path}: {result.error}")
+        name = Path(result.path).name
         params = {k: result.config.get(k) for k in sweep.space}
         metrics = result.metrics or {}
-        rows.append({"trial": Path(result.path).name, **params, **metrics})
-    scored = [r for r in rows if isinstance(r.get(sweep.metric), (int, float))]
-    if not scored:
-        return SweepOutcome(rows, None, None, errors or ["no trial reported the metric " + sweep.metric])
-    pick = max if sweep.mode == "max" else min
-    best = pick(scored, key=lambda r: r[sweep.metric])
+        if result.error:
+            errors.append(f"{name}: {result.error}")
+            stop = "error"
+        elif metrics.get("step", 0) >= total:
+            stop = "completed"
+        else:
+            stop = f"stopped early at epoch {metrics.get('epoch', '?')}"
+        rows.append({"trial": name, **params, **metrics, "stop_reason": stop})
+        if result.metrics_dataframe is not None:
+            curves[name] = result.metrics_dataframe
+    scored = [r for r in rows if isinstance(r.get(sweep.metric), (int, float)) and r["stop_reason"] == "completed"]
+    scored = scored or [r for r in rows if isinstance(r.get(sweep.metric), (int, float))]
+    best = None
+    if scored:
+        pick = max if sweep.mode == "max" else min
+        best = pick(scored, key=lambda r: r[sweep.metric])
+    else:
+        errors = errors or ["no trial reported the metric " + sweep.metric]
+    files = report.write_results(sweep, rows, curves, Path(path) if "://" not in path else Path(".cliplab/sweeps") / sweep.name)
     registered = None
-    if register and sweep.register_as:
-        from cliplab.tracking.registry import register_checkpoint
-        from cliplab.tracking.tracker import tracking_uri
+    if best is not None and register and sweep.register_as:
+        from cliplab.tune.promote import register_and_promote
 
-        uri = tracking_uri(sweep.base.tracking)
-        if uri and best.get("checkpoint_path"):
-            registered = register_checkpoint(best["checkpoint_path"], sweep.register_as, sweep.alias,
-                                             uri=uri, run_id=best.get("mlflow_run_id") or None)
-    return SweepOutcome(rows, best, registered, errors)
+        registered = register_and_promote(sweep, best)
+    parent.finish(sweep, rows, best, files, registered)
+    return SweepOutcome(rows, best, registered, errors, files=files, parent_run_id=parent.run_id)

@@ -1,0 +1,64 @@
+"""The sweep's MLflow parent run: trials are its children (``mlflow.parentRunId``), so MLflow's
+run comparison shows a sweep as one expandable row. It holds the hypothesis, the search space,
+the results table, the plots and the best trial's metric."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cliplab.tracking.tracker import tracking_uri
+
+
+@dataclass
+class ParentRun:
+    uri: str | None
+    run_id: str | None
+
+    @classmethod
+    def open(cls, sweep, sweep_path: str, *, resume: bool) -> ParentRun:
+        """A new parent run, or on resume the one the interrupted sweep created."""
+        uri = tracking_uri(sweep.base.tracking)
+        if not uri:
+            return cls(None, None)
+        from mlflow import MlflowClient
+
+        from cliplab.tracking.secrets import Redactor
+
+        marker = Path(sweep_path) / "mlflow_parent_run.json" if "://" not in sweep_path else None
+        client = MlflowClient(uri)
+        if resume and marker is not None and marker.is_file():
+            return cls(uri, json.loads(marker.read_text())["run_id"])
+        exp = client.get_experiment_by_name(sweep.base.tracking.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(sweep.base.tracking.experiment)
+        tags = {"sweep": sweep.name, "cliplab.kind": "sweep", "mlflow.note.content": sweep.hypothesis or ""}
+        run = client.create_run(exp_id, run_name=f"sweep-{sweep.name}", tags=tags)
+        redact = Redactor()
+        params = {f"space.{k}": str(v)[:500] for k, v in sweep.space.items()}
+        params.update({"sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.trials": sweep.num_trials,
+                       "sweep.scheduler": type(sweep.scheduler).__name__})
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in redact.params(params).items()])
+        if marker is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"run_id": run.info.run_id}))
+        return cls(uri, run.info.run_id)
+
+    def finish(self, sweep, rows, best, files: dict[str, Path], registered) -> None:
+        if not self.run_id:
+            return
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.uri)
+        for key, path in files.items():
+            client.log_artifact(self.run_id, str(path), "plots" if key.startswith("plot:") else None)
+        if best is not None:
+            client.log_metric(self.run_id, f"best/{sweep.metric}", float(best[sweep.metric]))
+            client.set_tag(self.run_id, "best_trial", best["trial"])
+        client.log_metric(self.run_id, "trials", float(len(rows)))
+        if registered:
+            client.set_tag(self.run_id, "registered", f"{registered['name']} v{registered['version']} "
+                                                      f"@{registered['alias']}")
+        client.set_terminated(self.run_id, "FINISHED")

@@ -1,0 +1,134 @@
+"""A finished sweep as files: the results table (CSV + Markdown) and PNG plots (matplotlib):
+the metric against each swept value, a heatmap for 2-D sweeps, and every trial's learning curve."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from cliplab.report import markdown_table
+
+
+def table_columns(sweep) -> list[tuple[str, str]]:
+    cols = [("trial", "trial")] + [(key, key) for key in sweep.space]
+    cols += [(sweep.metric, sweep.metric), ("steps", "step"), ("stop reason", "stop_reason")]
+    return cols
+
+
+def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    cols = table_columns(sweep)
+    files = {"csv": out / "results.csv", "md": out / "results.md"}
+    with files["csv"].open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([label for label, _ in cols])
+        for row in rows:
+            writer.writerow([row.get(key, "") for _, key in cols])
+    hypothesis = (sweep.hypothesis or "").strip().splitlines()
+    files["md"].write_text(f"# sweep {sweep.name}\n\n" + (f"{hypothesis[0]}\n\n" if hypothesis else "")
+                           + markdown_table(rows, cols) + "\n")
+    files.update(plot_all(sweep, rows, curves, out / "plots"))
+    return files
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_all(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    scored = [r for r in rows if isinstance(r.get(sweep.metric), (int, float))]
+    for key in sweep.space:
+        if scored:
+            files[f"plot:{key}"] = plot_metric_vs(scored, key, sweep.metric, out / f"{sweep.metric.replace('/', '_')}"
+                                                  f"_vs_{key.replace('.', '_')}.png")
+    keys = list(sweep.space)
+    if len(keys) == 2 and scored:
+        files["plot:heatmap"] = plot_heatmap(scored, keys[0], keys[1], sweep.metric, out / "heatmap.png")
+    if curves:
+        files["plot:curves"] = plot_curves(curves, sweep.metric, out / "learning_curves.png")
+    return files
+
+
+def _positions(values: list) -> tuple[list[float], list[str] | None]:
+    """Numbers stay numbers; anything else becomes categories at 0..n-1."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [float(v) for v in values], None
+    cats = sorted({str(v) for v in values})
+    return [float(cats.index(str(v))) for v in values], cats
+
+
+def plot_metric_vs(rows, key: str, metric: str, path: Path) -> Path:
+    plt = _pyplot()
+    xs, cats = _positions([r.get(key) for r in rows])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter(xs, [r[metric] for r in rows])
+    if cats:
+        ax.set_xticks(range(len(cats)), cats, rotation=30)
+    elif min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(rows, key_x: str, key_y: str, metric: str, path: Path) -> Path:
+    """Mean metric per (x, y) cell, e.g. β × τ."""
+    import numpy as np
+
+    plt = _pyplot()
+    xs = sorted({r.get(key_x) for r in rows}, key=str)
+    ys = sorted({r.get(key_y) for r in rows}, key=str)
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for j, y in enumerate(ys):
+        for i, x in enumerate(xs):
+            vals = [r[metric] for r in rows if r.get(key_x) == x and r.get(key_y) == y]
+            if vals:
+                grid[j, i] = float(np.mean(vals))
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.9 * len(ys) + 2.5))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(xs)), [f"{x:.4g}" if isinstance(x, float) else str(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:.4g}" if isinstance(y, float) else str(y) for y in ys])
+    for j in range(len(ys)):
+        for i in range(len(xs)):
+            if not np.isnan(grid[j, i]):
+                ax.text(i, j, f"{grid[j, i]:.3g}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xlabel(key_x)
+    ax.set_ylabel(key_y)
+    fig.colorbar(im, ax=ax, label=metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: dict[str, Any], metric: str, path: Path) -> Path:
+    """Training loss and the sweep metric against step, one line per trial."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, df in sorted(curves.items()):
+        for ax, key in zip(axes, ("train/loss", metric), strict=True):
+            if key in df.columns and "step" in df.columns:
+                part = df[["step", key]].dropna()
+                if len(part):
+                    ax.plot(part["step"], part[key], marker="o", markersize=3, label=name)
+    for ax, key in zip(axes, ("train/loss", metric), strict=True):
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
