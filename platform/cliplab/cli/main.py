@@ -11,7 +11,7 @@ import sys
 
 from cliplab.errors import CliplabError
 
-GROUPS = ("data", "services", "train", "sweep", "demo", "tracking", "registry", "dashboard")
+GROUPS = ("data", "services", "train", "sweep", "demo", "tracking", "registry", "dashboard", "submit", "jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:
