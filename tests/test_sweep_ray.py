@@ -137,7 +137,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     while time.monotonic() < deadline and first.poll() is None:
         exp = client.get_experiment_by_name("resume")
         runs = client.search_runs([exp.experiment_id], "tags.sweep = 'resumable-sweep'") if exp else []
-        finished = [r for r in runs if r.info.status == "FINISHED"]
+        finished = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("cliplab.kind") != "sweep"]
         if finished:
             break
         time.sleep(0.5)
@@ -151,7 +151,8 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| trial_")]
     assert len(rows) == 3 and all("| 6 " in r and "completed" in r for r in rows), proc.stdout[-3000:]
     exp = client.get_experiment_by_name("resume")
-    trial_runs = client.search_runs([exp.experiment_id], "tags.sweep = 'resumable-sweep'")
+    trial_runs = [r for r in client.search_runs([exp.experiment_id], "tags.sweep = 'resumable-sweep'")
+                  if r.data.tags.get("cliplab.kind") != "sweep"]  # not the parent run
     names = [r.data.tags["mlflow.runName"] for r in trial_runs]
     assert names.count(done_trial) == 1, f"finished trial {done_trial} was run again: {names}"
     assert len(set(names)) == 3 and len(names) == 3  # the interrupted trial continued its own run
