@@ -102,6 +102,36 @@ def test_asha_stops_weak_trials_and_the_sweep_leaves_a_table_plots_and_parent_ch
     assert len(children) == 4 and {c.data.tags["sweep"] for c in children} == {"asha-test"}
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"results.md", "results.csv", "plots"} <= artifacts
+    _check_tensorboard(base.storage_path, "asha-test", expected_trials=4)
+
+
+def _check_tensorboard(storage: str, sweep: str, expected_trials: int) -> None:
+    """`cliplab dashboard SWEEP` serves every trial's scalars (Tune's event files) over HTTP."""
+    import re
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "cliplab.cli.main", "dashboard", sweep, "--storage-path", storage,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        url = re.search(r"http://127\.0\.0\.1:\d+", proc.stdout.readline()).group(0)
+        deadline, tags = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=5) as resp:
+                    tags = json.loads(resp.read())
+                if len(tags) >= expected_trials:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        trials = [run for run in tags if "trial_" in run]
+        assert len(trials) == expected_trials, tags
+        assert all(any(t.endswith("train/loss") for t in tags[run]) for run in trials)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
 
 
 SWEEP_FILE = '''"""Hypothesis: resuming keeps finished trials."""

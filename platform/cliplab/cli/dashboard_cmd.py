@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     cmd = [str(tensorboard) if tensorboard.exists() else "tensorboard", "--logdir", str(folder),
            "--host", args.host, "--port", str(port), "--reload_interval", "5"]
     print(f"TensorBoard for sweep {folder.name}: http://{args.host}:{port}  (Ctrl-C stops it)", flush=True)
-    proc = subprocess.Popen(cmd, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = subprocess.Popen(cmd, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL,
+                            stderr=None if os.environ.get("CLIPLAB_DEBUG") else subprocess.DEVNULL)
     try:
         return proc.wait()
     except KeyboardInterrupt:
