@@ -47,6 +47,10 @@ FORWARD_ENV = (
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
+# Set by cliplab's driver in its own ray.init runtime env (cliplab.train.launch.init_ray): Ray fails a
+# job whose runtime env sets the same variable, so a job's runtime env must not.
+DRIVER_ENV_VARS = ("RAY_DATA_DISABLE_PROGRESS_BARS",)
+
 
 @dataclass
 class JobSpec:
@@ -131,10 +135,19 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
                            "dashboard port (8265) reachable, e.g. through `kubectl port-forward`?") from None
 
 
+def _quiet_ray_logs() -> None:
+    """Ray's packaging chatter (each ignored .gitignore, default excludes) is noise here."""
+    import logging
+
+    for name in ("ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING if name.endswith("sdk") else logging.ERROR)
+
+
 def client(address: str | None = None):
     """A ``JobSubmissionClient`` for ``address``, after a quick reachability check."""
     address = normalize_address(address)
     check_reachable(address)
+    _quiet_ray_logs()
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -242,6 +255,10 @@ def build_job(file: str | Path, *, overrides: Iterable[str] = (), extra_args: It
         sha = git_sha(wd)
         if sha != "unknown":
             env_vars["CLIPLAB_GIT_SHA"] = sha  # the job's working dir ships no .git
+    clash = sorted(set(env_vars) & set(DRIVER_ENV_VARS))
+    if clash:
+        raise ConfigError(f"the job's runtime env sets {', '.join(clash)}, which cliplab's driver sets itself "
+                          "(Ray refuses such a job): remove it from the runtime env file or --env")
     runtime_env["env_vars"] = env_vars
     return JobSpec(entrypoint=shlex.join(args), runtime_env=runtime_env, forwarded=sorted(forwarded),
                    submission_id=submission_id)
@@ -276,9 +293,23 @@ def submit(job: JobSpec, address: str | None = None, job_client=None) -> str:
         raise ServiceError(f"job submission failed: {msg}") from None
 
 
+def redacted_writer(secrets: Iterable[str] = ()) -> Callable[[str], None]:
+    """Writes to stdout with the secrets of this environment (and ``secrets``) masked: a job's log can
+    echo its runtime env, which carries the forwarded credentials."""
+    from cliplab.tracking.secrets import Redactor, secret_values
+
+    redactor = Redactor(secret_values(extra=secrets))
+
+    def write(text: str) -> None:
+        sys.stdout.write(redactor.text(text))
+        sys.stdout.flush()
+
+    return write
+
+
 def follow(job_client, job_id: str, out: Callable[[str], None] | None = None, poll_s: float = 1.0) -> str:
-    """Stream the job's logs until it ends; returns its terminal status name."""
-    out = out or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    """Stream the job's logs (secrets masked) until it ends; returns its terminal status name."""
+    out = out or redacted_writer()
 
     async def tail() -> None:
         async for chunk in job_client.tail_job_logs(job_id):
@@ -302,8 +333,14 @@ def status_name(status: Any) -> str:
 
 
 def job_message(job_client, job_id: str) -> str:
+    """The first line of the job's status message, without the log tail Ray appends to it."""
     try:
         info = job_client.get_job_info(job_id)
     except Exception:  # noqa: BLE001 (best effort, for the error line only)
         return ""
-    return (info.message or "").strip().splitlines()[0] if info.message else ""
+    text = (info.message or "").strip()
+    first = text.splitlines()[0] if text else ""
+    first = first.split(", last available logs")[0].rstrip(":")
+    from cliplab.tracking.secrets import Redactor
+
+    return Redactor().text(first)

@@ -74,7 +74,9 @@ def run_logs(args: argparse.Namespace) -> int:
         status = follow(job_client, args.job_id)
         print(f"job {args.job_id} {status}", file=sys.stderr)
         return 0 if status == "SUCCEEDED" else 1
-    sys.stdout.write(_call(f"logs of {args.job_id}", job_client.get_job_logs, args.job_id))
+    from cliplab.submit import redacted_writer
+
+    redacted_writer()(_call(f"logs of {args.job_id}", job_client.get_job_logs, args.job_id))
     return 0
 
 
