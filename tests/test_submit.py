@@ -145,3 +145,24 @@ def test_plain_ray_job_submit_runs_cliplab_train(tmp_path, s3_server, mlflow_ser
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in (out.stdout + out.stderr).lower()
     _assert_trained(mlflow_server, experiment)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_no_wait_then_jobs_logs_follow_and_stop_on_a_failing_job(tmp_path, ray_cluster):
+    """A job that fails in preflight (no such shards): --no-wait returns at once with the id, logs
+    --follow reports the failure with exit 1, stop says it is no longer running."""
+    address = ray_cluster.dashboard_url
+    job_id = f"cliplab-fail-{uuid.uuid4().hex[:8]}"
+    out = _run([CLIPLAB, "submit", CONFIG, "--address", address, "--job-id", job_id, "--no-wait",
+                "--set", "data.train=/nonexistent/shards/", "--set", "data.val=null",
+                "--set", f"storage_path={tmp_path / 'runs'}"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == job_id
+
+    logs = _run([CLIPLAB, "jobs", "logs", job_id, "--follow", "--address", address], timeout=180)
+    assert logs.returncode == 1
+    assert "/nonexistent/shards" in logs.stdout and f"job {job_id} FAILED" in logs.stderr
+
+    stop = _run([CLIPLAB, "jobs", "stop", job_id, "--address", address], timeout=60)
+    assert stop.returncode == 0 and "not running" in stop.stdout
