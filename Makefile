@@ -25,11 +25,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 # the emoji font (images), Unicode's emoji-test.txt (the group/subgroup hierarchy) and FriBiDi
-# (Pillow's text shaping, which draws flags and ZWJ sequences as one glyph); installed only if absent
-APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0
+# (Pillow's text shaping, which draws flags and ZWJ sequences as one glyph), and Chromium (headless, for
+# the dashboard screenshot tests); installed only if absent
+APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0 chromium
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PACKAGES); }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
 
 demo: setup
 	$(BIN)/cliplab demo

@@ -105,6 +105,28 @@ def test_asha_stops_weak_trials_and_the_sweep_leaves_a_table_plots_and_parent_ch
     _check_tensorboard(base.storage_path, "asha-test", expected_trials=4)
 
 
+def _screenshot_has_curves(url: str, png: Path) -> None:
+    """Headless Chromium (Debian's) renders the page; the chart area must hold curves in several
+    colours (one per trial), not just an empty frame."""
+    import shutil
+
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium: `make setup` installs Debian's chromium for the browser checks")
+    proc = subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--screenshot={png}", "--window-size=1400,1000", "--virtual-time-budget=20000", url],
+                          capture_output=True, text=True, timeout=120)
+    assert png.is_file(), proc.stderr[-2000:]
+    img = Image.open(png).convert("HSV")
+    w, h = img.size
+    chart = img.crop((int(w * 0.25), 130, w, h))  # right of the runs panel, below the header
+    hues = [hue // 16 for hue, sat, val in chart.getdata() if sat > 90 and val > 60]
+    buckets = {b for b in set(hues) if hues.count(b) > 40}
+    assert len(hues) > 400 and len(buckets) >= 2, f"no trial curves in {png} ({len(hues)} coloured pixels)"
+
+
 def _check_tensorboard(storage: str, sweep: str, expected_trials: int) -> None:
     """`cliplab dashboard SWEEP` serves every trial's scalars (Tune's event files) over HTTP."""
     import re
@@ -129,6 +151,7 @@ def _check_tensorboard(storage: str, sweep: str, expected_trials: int) -> None:
         trials = [run for run in tags if "trial_" in run]
         assert len(trials) == expected_trials, tags
         assert all(any(t.endswith("train/loss") for t in tags[run]) for run in trials)
+        _screenshot_has_curves(f"{url}/#scalars", Path(storage) / f"{sweep}-tensorboard.png")
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     tensorboard = Path(sys.executable).with_name("tensorboard")
     cmd = [str(tensorboard) if tensorboard.exists() else "tensorboard", "--logdir", str(folder),
            "--host", args.host, "--port", str(port), "--reload_interval", "5"]
-    print(f"TensorBoard for sweep {folder.name}: http://{args.host}:{port}  (Ctrl-C stops it)", flush=True)
+    print(f"TensorBoard for sweep {folder.name}: http://{args.host}:{port}/#scalars  (Ctrl-C stops it)", flush=True)
     proc = subprocess.Popen(cmd, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL,
                             stderr=None if os.environ.get("CLIPLAB_DEBUG") else subprocess.DEVNULL)
     try:

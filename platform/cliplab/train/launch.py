@@ -133,8 +133,11 @@ def init_ray(address: str | None = None) -> None:
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # inside a Ray job (`ray job submit`, KubeRay) the job's runtime env rules: Ray refuses a driver
+    # runtime env that sets a variable the job's env sets too
+    inside_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+             **({} if inside_job else {"runtime_env": {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}}))
 
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None, name: str | None = None):
