@@ -142,9 +142,12 @@ def test_image_traversal_walks_from_the_name_to_the_root(geometry):
     truth = [{0: 0, 1: 1, 2: 2}]
     report = lenses.traversal_order(paths, levels, truth)
     assert report["specific_to_generic"] == report["full_chain"] == report["starts_specific"] == 1.0
+    assert report["monotone"] == 1.0
     assert report["ancestor_precision"] == 1.0 and report["mean_length"] == 4
     back = lenses.traversal_order([[1, 0, len(pool)], [3, 4]], levels, [{1: 1}, {1: 1}])
-    assert back["specific_to_generic"] == 0.5 and back["full_chain"] == 0.0
+    assert back["specific_to_generic"] == back["monotone"] == 0.5 and back["full_chain"] == 0.0
+    trivial = lenses.traversal_order([[len(pool)], [0, len(pool)]], levels)
+    assert trivial["monotone"] == 1.0 and trivial["specific_to_generic"] == 0.0
     assert back["ancestor_precision"] == 0.5
 
 

@@ -1,4 +1,4 @@
-"""``cliplab data emoji|build|upload``."""
+"""``cliplab data emoji|fashion-mnist|build|embed-captions|upload``."""
 
 from __future__ import annotations
 
@@ -13,14 +13,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     emoji = data.add_parser("emoji", help="render the Noto Color Emoji demo corpus into shards",
                             description="Render Noto Color Emoji with their names into train/val shards, "
-                                        "with group/subgroup metadata and stats.json.")
-    emoji.add_argument("--out", type=Path, required=True, help="output directory")
+                                        "with group/subgroup metadata and stats.json. With --eval, also (or "
+                                        "only) a zero-shot classification set whose classes are the emoji "
+                                        "groups (classnames.txt, templates.txt and {key}.png + {key}.cls "
+                                        "shards), from the corpus's val split.")
+    emoji.add_argument("--out", type=Path, default=None, help="output directory of the training corpus")
+    emoji.add_argument("--eval", type=Path, default=None, metavar="OUT",
+                       help="output directory of the zero-shot eval set (classes = emoji groups)")
+    emoji.add_argument("--eval-split", choices=("val", "train", "all"), default="val",
+                       help="which emoji go into the eval set, by the same split as the corpus (default val)")
+    emoji.add_argument("--limit", type=int, default=None,
+                       help="corpus: only the first N emoji; eval set: N emoji spread over the groups")
     emoji.add_argument("--image-px", type=int, default=128, help="image side in pixels (default 128)")
     emoji.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in val (default 0.1)")
     emoji.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     emoji.add_argument("--samples-per-shard", type=int, default=500, help="default 500")
     emoji.add_argument("--workers", type=int, default=2, help="render processes (default 2)")
     emoji.set_defaults(func=run_emoji)
+
+    fmnist = data.add_parser("fashion-mnist", help="the Fashion-MNIST test split as a zero-shot eval set",
+                             description="Write Fashion-MNIST (Debian's dataset-fashion-mnist) as a zero-shot "
+                                         "classification set: {key}.png + {key}.cls shards with classnames.txt "
+                                         "and templates.txt beside them (10 classes).")
+    fmnist.add_argument("out", type=Path, help="output directory")
+    fmnist.add_argument("--split", choices=("test", "train"), default="test", help="default test (10,000 images)")
+    fmnist.add_argument("--limit", type=int, default=None, help="only the first N images")
+    fmnist.add_argument("--image-px", type=int, default=None, help="upscale to N pixels (default: 28, as shipped)")
+    fmnist.add_argument("--source", type=Path, default=None,
+                        help="folder of the idx .gz files (default /usr/share/datasets/fashion-mnist)")
+    fmnist.add_argument("--samples-per-shard", type=int, default=2000, help="default 2000")
+    fmnist.set_defaults(func=run_fashion_mnist)
 
     build = data.add_parser("build", help="shards from a folder of image+caption files or a CSV/Parquet",
                             description="Turn a folder of name.jpg|png|webp + name.txt pairs, or a CSV/Parquet "
@@ -78,12 +100,38 @@ def _summary(stats: dict, out: Path) -> None:
 
 
 def run_emoji(args: argparse.Namespace) -> int:
-    from cliplab.data.emoji import build_emoji_corpus
+    from cliplab.data.emoji import build_emoji_corpus, build_emoji_eval_set
+    from cliplab.errors import ConfigError
 
-    stats = build_emoji_corpus(args.out, image_px=args.image_px, val_fraction=args.val_fraction, seed=args.seed,
-                               samples_per_shard=args.samples_per_shard, workers=args.workers)
-    _summary(stats, args.out)
-    print(f"groups: {', '.join(f'{g} ({n})' for g, n in stats['groups'].items())}")
+    if args.out is None and args.eval is None:
+        raise ConfigError("cliplab data emoji needs --out DIR (the training corpus) and/or --eval DIR "
+                          "(the zero-shot eval set)")
+    if args.out is not None:
+        stats = build_emoji_corpus(args.out, image_px=args.image_px, val_fraction=args.val_fraction, seed=args.seed,
+                                   samples_per_shard=args.samples_per_shard, workers=args.workers, limit=args.limit)
+        _summary(stats, args.out)
+        print(f"groups: {', '.join(f'{g} ({n})' for g, n in stats['groups'].items())}")
+    if args.eval is not None:
+        stats = build_emoji_eval_set(args.eval, image_px=args.image_px, split=args.eval_split,
+                                     val_fraction=args.val_fraction, seed=args.seed, limit=args.limit,
+                                     samples_per_shard=args.samples_per_shard, workers=args.workers)
+        _eval_summary(stats, args.eval)
+    return 0
+
+
+def _eval_summary(stats: dict, out: Path) -> None:
+    classes = ", ".join(f"{c} ({n})" for c, n in stats["per_class"].items())
+    print(f"wrote a zero-shot eval set of {stats['samples']} images in {len(stats['shards'])} shards to {out}/: "
+          f"{stats['num_classes']} classes: {classes}")
+    print(f"evaluate with: cliplab eval --model MODEL --data {out}")
+
+
+def run_fashion_mnist(args: argparse.Namespace) -> int:
+    from cliplab.data.evalsets import FASHION_MNIST_DIR, build_fashion_mnist
+
+    stats = build_fashion_mnist(args.out, source=args.source or FASHION_MNIST_DIR, split=args.split,
+                                limit=args.limit, image_px=args.image_px, samples_per_shard=args.samples_per_shard)
+    _eval_summary(stats, args.out)
     return 0
 
 

@@ -11,7 +11,7 @@ import sys
 
 from cliplab.errors import CliplabError
 
-GROUPS = ("data", "services", "train", "sweep", "demo", "tracking", "registry", "dashboard", "submit", "jobs")
+GROUPS = ("data", "services", "train", "sweep", "demo", "tracking", "registry", "dashboard", "submit", "jobs", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

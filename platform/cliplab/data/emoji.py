@@ -182,3 +182,102 @@ def build_emoji_corpus(out_dir: str | Path, *, image_px: int | None = 128, val_f
                         extra_stats={"source": "Noto Color Emoji", "groups": dict(sorted(groups.items())),
                                      "groups_by_split": by_split,
                                      "subgroups": len({e.subgroup for e, _ in rendered})})
+
+
+# the zero-shot eval set (classes = emoji groups) and the hierarchy captions --------------------
+_SUBGROUP_TEXT = {"food-fruit": "fruit", "food-vegetable": "vegetables", "food-prepared": "prepared food",
+                  "food-asian": "asian food", "food-marine": "seafood", "food-sweet": "sweets",
+                  "animal-marine": "marine animals", "animal-bug": "bugs", "plant-flower": "flowers",
+                  "plant-other": "plants", "place-other": "places",
+                  "place-geographic": "geographic places", "place-religious": "religious places", "other-object": "other objects",
+                  "other-symbol": "other symbols", "av-symbol": "audio & video symbols"}
+
+
+def group_class_name(group: str) -> str:
+    """A Unicode emoji group as a class name: ``Food & Drink`` → ``food & drink``."""
+    return group.lower()
+
+
+def group_caption(group: str) -> str:
+    """The caption of a group in the traversal pool: ``an emoji of food & drink``."""
+    return f"an emoji of {group_class_name(group)}"
+
+
+def subgroup_caption(subgroup: str) -> str:
+    """The caption of a subgroup: ``food-fruit`` → ``an emoji of fruit``, ``face-smiling`` →
+    ``an emoji of smiling face``, ``animal-mammal`` → ``an emoji of mammal``."""
+    text = _SUBGROUP_TEXT.get(subgroup)
+    if text is None:
+        head, _, rest = subgroup.partition("-")
+        if head == "face" and rest:
+            text = f"{rest.replace('-', ' ')} face"
+        elif head in ("animal", "place") and rest:
+            text = rest.replace("-", " ")
+        else:
+            text = subgroup.replace("-", " ")
+    return f"an emoji of {text}"
+
+
+def _eval_entries(split: str, val_fraction: float, seed: int, limit: int | None) -> list[EmojiEntry]:
+    """The emoji of ``split`` ("val", "train" or "all") by :func:`deterministic_split` of the key
+    (so a corpus built with the same fraction and seed never trained on a "val" eval image),
+    without skin-tone variants and components; ``limit`` takes that many round-robin over the
+    groups (in Unicode order), so every group stays represented."""
+    if split not in ("val", "train", "all"):
+        raise DataError(f"emoji eval split must be val, train or all, got {split!r}")
+    by_group: dict[str, list[EmojiEntry]] = {}
+    for e in read_emoji_test():
+        if SKIN_TONES & set(e.codepoints) or e.group == "Component":
+            continue
+        if split == "all" or deterministic_split(e.key, val_fraction, seed) == split:
+            by_group.setdefault(e.group, []).append(e)
+    if not limit:
+        return [e for entries in by_group.values() for e in entries]
+    out: list[EmojiEntry] = []
+    queues = [list(v) for v in by_group.values()]
+    while len(out) < limit and any(queues):
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
+
+
+def build_emoji_eval_set(out_dir: str | Path, *, image_px: int | None = 128, split: str = "val",
+                         val_fraction: float = 0.1, seed: int = 0, limit: int | None = None,
+                         samples_per_shard: int = 500, font_path: Path = FONT, workers: int = 2,
+                         progress: bool = True) -> dict[str, Any]:
+    """A zero-shot classification set of emoji (:mod:`cliplab.data.evalsets` layout): the class
+    of an emoji is its Unicode group (``smileys & emotion``, ``food & drink``, …; classnames in
+    Unicode order), the images are rendered as in :func:`build_emoji_corpus`, and the prompts are
+    :data:`cliplab.eval.templates.EMOJI`. ``split``/``val_fraction``/``seed`` pick the emoji
+    (default: the corpus's val split); ``limit`` keeps that many, spread over the groups.
+    ``{key}.json`` holds name, group and subgroup. Returns the stats."""
+    from tqdm import tqdm
+
+    from cliplab.data.evalsets import ClassSample, write_classification_set
+    from cliplab.eval.templates import EMOJI
+
+    if not Path(font_path).is_file():
+        raise DataError(f"{font_path} not found: install Debian's fonts-noto-color-emoji "
+                        "(apt-get install fonts-noto-color-emoji; `make setup` does it)")
+    _require_shaping()
+    entries = _eval_entries(split, val_fraction, seed, limit)
+    groups = list(dict.fromkeys(e.group for e in read_emoji_test() if e.group != "Component"))
+    index = {g: i for i, g in enumerate(groups)}
+    notdef = _render(("\U000E0FFF", image_px, str(font_path)))
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        images = list(tqdm(pool.map(_render, [(e.char, image_px, str(font_path)) for e in entries], chunksize=16),
+                           total=len(entries), desc="rendering emoji eval set", unit="img", disable=not progress))
+    skipped: Counter = Counter()
+    samples = []
+    for e, png in zip(entries, images, strict=True):
+        if png is None or png == notdef:
+            skipped["not_in_font"] += 1
+            continue
+        samples.append(ClassSample(e.key, png, "png", index[e.group],
+                                   {"name": caption_for(e), "group": e.group, "subgroup": e.subgroup}))
+    return write_classification_set(samples, out_dir, [group_class_name(g) for g in groups], EMOJI,
+                                    samples_per_shard=samples_per_shard,
+                                    extra_stats={"source": f"Noto Color Emoji, {split} split "
+                                                           f"(val_fraction {val_fraction}, seed {seed})",
+                                                 "skipped": dict(skipped)})

@@ -233,9 +233,11 @@ def traversal_order(paths: Sequence[Sequence[int]], levels: Sequence[int],
     (0 = most specific, e.g. an emoji's name; larger = more generic); [ROOT] (index
     ``len(levels)``) is one level above the top. Returns:
 
-    - ``specific_to_generic``: fraction of paths whose levels never decrease (never go back to
-      a more specific level after a more generic one);
-    - ``full_chain``: fraction that are specific-to-generic *and* visit every level 0…top;
+    - ``monotone``: fraction of paths whose levels never decrease (never go back to a more
+      specific level after a more generic one); a path of [ROOT] alone is trivially monotone;
+    - ``specific_to_generic``: fraction of paths that are monotone *and* visit at least two
+      levels below [ROOT] (they really move from a specific text to a more generic one);
+    - ``full_chain``: fraction that are monotone and visit every level 0…top;
     - ``starts_specific``: fraction whose first text is of level 0;
     - ``mean_length``: mean number of distinct texts retrieved (with [ROOT]);
     - ``mean_levels``: mean number of distinct levels visited (with [ROOT]);
@@ -246,13 +248,14 @@ def traversal_order(paths: Sequence[Sequence[int]], levels: Sequence[int],
     levels = list(levels) + [max(levels, default=-1) + 1]  # [ROOT]
     top = levels[-1]
     n = max(len(paths), 1)
-    monotone = full = starts = 0
+    monotone = moves = full = starts = 0
     length = nlevels = 0.0
     hits = tries = 0
     for i, path in enumerate(paths):
         lv = [levels[p] for p in path]
         ok = all(a <= b for a, b in zip(lv, lv[1:], strict=False))
         monotone += ok
+        moves += ok and len(set(lv) - {top}) >= 2
         full += ok and set(range(top + 1)) <= set(lv)
         starts += bool(lv) and lv[0] == 0
         length += len(path)
@@ -262,7 +265,7 @@ def traversal_order(paths: Sequence[Sequence[int]], levels: Sequence[int],
                 if 0 < levels[p] < top:
                     tries += 1
                     hits += truth[i].get(levels[p]) == p
-    out = {"specific_to_generic": monotone / n, "full_chain": full / n, "starts_specific": starts / n,
+    out = {"monotone": monotone / n, "specific_to_generic": moves / n, "full_chain": full / n, "starts_specific": starts / n,
            "mean_length": length / n, "mean_levels": nlevels / n}
     if truth is not None:
         out["ancestor_precision"] = hits / tries if tries else float("nan")
