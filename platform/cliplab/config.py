@@ -35,22 +35,51 @@ class S3Config:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One training source: a shard URL list and its mixing weight.
+
+    ``url`` is anything ``data.train`` accepts (brace-expanded ``s3://`` or local shards, a
+    directory/prefix of ``*.tar``, ``::``-joined lists). Each epoch draws ``weight / Σ weights``
+    of its samples from this source (with repeats when a small source is up-weighted).
+    """
+
+    url: str = ""
+    weight: float = 1.0
+    name: str | None = None  # shown in logs and metrics; default: source0, source1, ...
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Shards in img2dataset layout: ``{key}.jpg|png|webp``, ``{key}.txt``, ``{key}.json``.
 
     ``train``/``val`` are a brace-expanded shard list (``s3://b/p/train-{000000..000009}.tar``),
-    a directory or prefix holding ``*.tar`` files, or a single tar.
+    a directory or prefix holding ``*.tar`` files, or a single tar. For several weighted training
+    sources, leave ``train`` empty and list ``sources`` (``[{url: ..., weight: 0.7}, ...]``).
     """
 
     train: str = ""
     val: str | None = None
+    sources: tuple[SourceConfig, ...] = ()  # weighted mixture; exclusive with `train`
     s3: S3Config = field(default_factory=S3Config)
     batch_size: int = 64  # per worker
-    seed: int = 0
-    shuffle_files: bool = True
+    seed: int = 0  # shard/sample order: the same seed gives the same order, epoch by epoch
+    shuffle_files: bool = True  # shuffle shard order each epoch (false: shards in listed order)
+    shuffle_window: int = 1000  # samples shuffled together within a rank's stream (one read task each)
+    prefetch_batches: int = 2  # decoded blocks buffered ahead of the training step
     label_key: str | None = "group"  # json field used as the zero-shot class, if present
     cpus_per_task: float = 0.5  # Ray Data read/decode tasks; fractional so they fit beside workers
     caption_embeddings: str | None = None  # X-CLR: folder written by `cliplab data embed-captions`
+    record_keys: str | None = None  # audit: each rank appends "epoch<TAB>key" of every trained sample here
+
+    def train_sources(self) -> tuple[SourceConfig, ...]:
+        """The training sources: ``sources``, or ``train`` as one source of weight 1."""
+        if self.sources:
+            return tuple(SourceConfig(s.url, s.weight, s.name or f"source{i}") for i, s in enumerate(self.sources))
+        return (SourceConfig(self.train, 1.0, "train"),) if self.train else ()
+
+    def describe_train(self) -> str:
+        """``train``, or the sources as ``url@weight`` joined by `` + `` (for logs and tags)."""
+        return self.train or " + ".join(f"{s.url}@{s.weight:g}" for s in self.sources)
 
 
 @dataclass(frozen=True)
@@ -386,7 +415,16 @@ def _soft_targets(obj: ObjectiveConfig) -> bool:
 def validate(cfg: ExperimentConfig) -> None:
     """Value checks that types alone can't express. Cheap: touches no network or Ray."""
     checks = [
-        (bool(cfg.data.train), "data.train is empty: point it at the training shards"),
+        (bool(cfg.data.train) or bool(cfg.data.sources),
+         "data.train is empty: point it at the training shards (or list weighted data.sources)"),
+        (not (cfg.data.train and cfg.data.sources),
+         "set either data.train or data.sources, not both (data.train is one source of weight 1)"),
+        *[(bool(s.url.strip()), f"data.sources[{i}].url is empty") for i, s in enumerate(cfg.data.sources)],
+        *[(s.weight > 0, f"data.sources[{i}].weight must be > 0") for i, s in enumerate(cfg.data.sources)],
+        (len({s.name for s in cfg.data.train_sources()}) == len(cfg.data.sources) or not cfg.data.sources,
+         "data.sources names must be unique"),
+        (cfg.data.shuffle_window >= 1, "data.shuffle_window must be >= 1"),
+        (cfg.data.prefetch_batches >= 0, "data.prefetch_batches must be >= 0"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (contrastive needs negatives)"),
         *_objective_checks(cfg.objective),
         (not _soft_targets(cfg.objective) or bool(cfg.data.caption_embeddings),

@@ -40,12 +40,39 @@ def _transforms(model_name: str, train: bool):
     return transform, tokenizer
 
 
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are decompression bombs (PIL's default is 89M)
+
+
 def _image_bytes(batch: dict[str, Any], i: int) -> bytes | None:
     for ext in IMAGE_EXTS:
         col = batch.get(ext)
         if col is not None and col[i] is not None:
             return col[i]
     return None
+
+
+def load_rgb(raw: bytes, draft: int | None = None):
+    """Decode ``raw`` to an RGB PIL image: ``(image, None)`` or ``(None, (reason, detail))`` with
+    reason ``decompression_bomb`` (over :data:`MAX_IMAGE_PIXELS`), ``truncated_image`` or
+    ``corrupt_image``. ``draft`` lets JPEG decode at a reduced scale that is still at least
+    ``draft`` pixels on each side (much cheaper for large photos)."""
+    import warnings
+
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
+                    im.draft("RGB", (draft, draft))
+                return im.convert("RGB"), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, ("decompression_bomb", str(err))
+    except Exception as err:  # noqa: BLE001 - any undecodable image is skipped, never fatal
+        text = str(err) or type(err).__name__
+        return None, ("truncated_image" if "truncated" in text.lower() else "corrupt_image", text)
 
 
 def _text(value) -> str | None:
@@ -73,12 +100,11 @@ def _caption_table(ref) -> dict | None:
 def decode_batch(batch: dict[str, Any], *, model_name: str, train: bool, label_key: str | None,
                  views: int = 1, captions_ref=None) -> dict[str, np.ndarray]:
     """Decode one Ray Data batch of raw webdataset columns. Unusable samples are dropped with
-    a warning naming shard and key (the Data issue turns this into counted metrics).
+    a warning naming shard and key. (This is the val/eval path; training reads through
+    :mod:`cliplab.data.stream`, which counts every skip by reason.)
 
     ``views=2`` adds a second augmented view (``image_2``); ``captions_ref`` (an object ref of a
     ``key → embedding`` dict) adds ``caption_embedding``, joined by key (X-CLR)."""
-    from PIL import Image
-
     transform, tokenizer = _transforms(model_name, train)
     table = _caption_table(captions_ref)
     keys, images, images_2, side, captions, labels = [], [], [], [], [], []
@@ -97,14 +123,12 @@ def decode_batch(batch: dict[str, Any], *, model_name: str, train: bool, label_k
         if table is not None and key not in table:
             log.warning("skipping %s: no caption embedding for this key", where)
             continue
-        try:
-            with Image.open(io.BytesIO(raw)) as im:
-                rgb = im.convert("RGB")
-                view = transform(rgb).numpy()
-                view_2 = transform(rgb).numpy() if views == 2 else None
-        except Exception as err:  # corrupt image: skip, never stop training
-            log.warning("skipping %s: undecodable image (%s)", where, err)
+        rgb, problem = load_rgb(raw)
+        if rgb is None:
+            log.warning("skipping %s: %s (%s)", where, problem[0].replace("_", " "), problem[1])
             continue
+        view = transform(rgb).numpy()
+        view_2 = transform(rgb).numpy() if views == 2 else None
         images.append(view)
         if view_2 is not None:
             images_2.append(view_2)

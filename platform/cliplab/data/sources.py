@@ -148,7 +148,7 @@ def _explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str
                               "could not resolve", "connect")):
         return (f"cannot reach the S3 endpoint {endpoint} while opening {url}: is the server "
                 "running? Set data.s3.endpoint_url or AWS_ENDPOINT_URL")
-    if any(s in low for s in ("access denied", "forbidden", "invalidaccesskeyid",
+    if any(s in low for s in ("access denied", "access_denied", "forbidden", "invalidaccesskeyid",
                               "signaturedoesnotmatch", "403")):
         return (f"S3 rejected the credentials for {url} at {endpoint}: check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")

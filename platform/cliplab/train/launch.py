@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +15,43 @@ from cliplab.tracking.tracker import check_reachable, tracking_uri
 
 @dataclass(frozen=True)
 class Prepared:
-    """Everything checked in the driver before Ray work: shards and the tracking server."""
+    """Everything checked in the driver before Ray work: shards and the tracking server.
+    ``train`` lists every training shard; ``sources`` holds them per weighted source."""
 
     cfg: ExperimentConfig
     train: ShardSet
     val: ShardSet | None
+    sources: tuple[ShardSet, ...] = ()
 
 
 def preflight(cfg: ExperimentConfig) -> Prepared:
-    """Resolve shards and ping MLflow: fails in seconds, with one line, before any Ray work."""
-    train = resolve_shards(cfg.data.train, cfg.data.s3)
+    """Resolve shards and ping MLflow: fails in seconds, with one line, before any Ray work
+    (a missing bucket or shard, rejected credentials, an unreachable endpoint)."""
+    sources = tuple(resolve_shards(s.url, cfg.data.s3) for s in cfg.data.train_sources())
+    if not sources:
+        raise DataError("no training data: set data.train or data.sources")
+    train = sources[0] if len(sources) == 1 else ShardSet(
+        cfg.data.describe_train(), tuple(p for s in sources for p in s.paths), sources[0].filesystem)
     val = resolve_shards(cfg.data.val, cfg.data.s3) if cfg.data.val else None
     check_reachable(tracking_uri(cfg.tracking))
-    return Prepared(cfg, train, val)
+    return Prepared(cfg, train, val, sources)
+
+
+_INDEXES: dict[tuple, Any] = {}
+
+
+def train_index(cfg: ExperimentConfig, prep: Prepared | None = None):
+    """The :class:`~cliplab.data.index.TrainIndex` of the training sources (built once per
+    process, and per shard cached on disk), resolving the sources again if ``prep`` lacks them."""
+    from cliplab.data.index import build_train_index
+
+    specs = cfg.data.train_sources()
+    key = (tuple((s.url, s.weight, s.name) for s in specs), cfg.data.s3)
+    if key not in _INDEXES:
+        sets = prep.sources if prep is not None and len(prep.sources) == len(specs) else \
+            tuple(resolve_shards(s.url, cfg.data.s3) for s in specs)
+        _INDEXES[key] = build_train_index([(s.name, s.weight, shards) for s, shards in zip(specs, sets, strict=True)])
+    return _INDEXES[key]
 
 
 def storage_path(cfg: ExperimentConfig) -> str:
@@ -48,37 +71,31 @@ def storage_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def build_datasets(prep: Prepared) -> dict[str, Any]:
-    import ray
+    """``train_index`` (the shard index, given whole to every worker: each rank reads its own
+    deterministic samples, see :mod:`cliplab.data.stream`) and the ``val`` Ray Dataset."""
+    import ray.data
 
     from cliplab.data.pipeline import build_dataset
-    from cliplab.objectives import resolve
+    from cliplab.data.stream import index_rows
 
     cfg = prep.cfg
-    common = {"model_name": cfg.model.name, "label_key": cfg.data.label_key,
-              "cpus_per_task": cfg.data.cpus_per_task}
-    objective = resolve(cfg.objective)
-    extra = {}
-    if objective.targets == "soft":  # X-CLR: caption embeddings joined by key, maybe two views
-        from cliplab.data.captions import load_caption_table
-
-        extra["captions_ref"] = ray.put(load_caption_table(cfg.data.caption_embeddings, cfg.data.s3))
-        extra["views"] = 2 if cfg.objective.soft_target_views == "image_image" else 1
-    datasets = {"train": build_dataset(prep.train, train=True, shuffle_files=cfg.data.shuffle_files,
-                                       seed=cfg.data.seed, **common, **extra)}
+    datasets = {"train_index": ray.data.from_items(index_rows(train_index(cfg, prep)))}
     if prep.val is not None:
-        datasets["val"] = build_dataset(prep.val, train=False, **common)
+        datasets["val"] = build_dataset(prep.val, train=False, model_name=cfg.model.name,
+                                        label_key=cfg.data.label_key, cpus_per_task=cfg.data.cpus_per_task)
     return datasets
 
 
-def steps_per_epoch(cfg: ExperimentConfig, shards: ShardSet) -> int:
-    """Optimizer steps per epoch: every rank gets an equal split and drops its last partial batch.
-    Counts samples with a raw read (no decoding)."""
-    from cliplab.data.pipeline import count_samples
+def steps_per_epoch(cfg: ExperimentConfig, shards: ShardSet | None = None) -> int:
+    """Optimizer steps per epoch: every rank gets an equal slice of the epoch's samples and
+    drops its last partial batch. Counts usable samples from the shard index."""
+    from cliplab.data import plan
 
-    rows = count_samples(shards)
-    steps = math.floor(rows / cfg.train.num_workers / cfg.data.batch_size)
+    index = train_index(cfg)
+    steps = plan.steps_per_epoch(index, cfg.train.num_workers, cfg.data.batch_size)
     if steps < 1:
-        raise DataError(f"{cfg.data.train}: {rows} readable samples are fewer than one batch of "
+        rows = int(index.counts().sum())
+        raise DataError(f"{cfg.data.describe_train()}: {rows} readable samples are fewer than one batch of "
                         f"{cfg.data.batch_size} per worker × {cfg.train.num_workers} workers; "
                         "lower data.batch_size or add data")
     return steps

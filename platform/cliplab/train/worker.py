@@ -67,7 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(module, cfg.optim)
     total_steps = cfg.train.max_steps or cfg.train.epochs * config["steps_per_epoch"]
     scheduler = cosine_with_warmup(optimizer, cfg.optim.warmup_steps, total_steps)
-    step, start_epoch, run_id = 0, 0, None
+    step, start_epoch, run_id, data_position = 0, 0, None, None
     resume = ray.train.get_checkpoint()
     if resume is not None:  # a FailureConfig restart or `cliplab train --resume`
         with resume.as_directory() as d:
@@ -76,6 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, start_epoch, run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
+        data_position = state.get("data_position")  # continue at the next unseen sample of the epoch
         ckpt.restore_rng(state)
     if cfg.train.compile:
         module.model.compile()  # in place: state dict keys stay open_clip's
@@ -85,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     trial = config.get("trial_name") or cfg.tracking.run_name or cfg.name
     tracker = build_tracker(cfg.tracking, rank=rank, run_name=trial, run_id=run_id,
                             tags={"objective": cfg.objective.name, "model": cfg.model.name,
-                                  "dataset": cfg.data.train, "sweep": config.get("sweep", ""),
+                                  "dataset": cfg.data.describe_train(), "sweep": config.get("sweep", ""),
                                   **({"mlflow.parentRunId": config["parent_run_id"]}
                                      if config.get("parent_run_id") else {})})
     if run_id is None:
@@ -110,11 +111,13 @@ def train_loop_per_worker(config: dict) -> None:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        position = data.state()  # a collective: every rank's data position
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
                 ckpt.save_checkpoint(Path(tmp), unwrap(model), optimizer, scheduler, step=step, epoch=epoch,
-                                     cfg=cfg, extra={"mlflow_run_id": getattr(tracker, "run_id", None)})
+                                     cfg=cfg, extra={"mlflow_run_id": getattr(tracker, "run_id", None),
+                                                     "data_position": position})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         last_checkpoint_time = time.monotonic()
@@ -124,7 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
         return step % cfg.train.checkpoint_every == 0 or (
             minutes is not None and time.monotonic() - last_checkpoint_time >= 60 * minutes)
 
-    shard = ray.train.get_dataset_shard("train")
+    data = _train_stream(cfg, config["steps_per_epoch"], rank, ctx.world_size, device)
+    data.restore(data_position)
     meter = Throughput(ctx.world_size)
     step_kwargs = {"accum_steps": cfg.train.accum_steps, "grad_clip_norm": cfg.optim.grad_clip_norm,
                    "precision": precision}
@@ -132,9 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     metrics: dict[str, float] = {}
     epoch = start_epoch
     while epoch < cfg.train.epochs and step < total_steps:
-        batches = shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
-                                           local_shuffle_buffer_size=4 * cfg.data.batch_size,
-                                           local_shuffle_seed=cfg.data.seed + epoch)
+        batches = data.batches(epoch)
         meter.start_epoch()
         for batch in meter.timed(batches):
             step_fn = functools.partial(train_step, model, batch, optimizer, scheduler, ctx, **step_kwargs)
@@ -150,6 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
             if step % cfg.train.log_every == 0:
                 metrics.update(meter.metrics(flops_per_step, device, cfg.train.peak_tflops))
                 metrics["train/nonfinite_skipped"] = float(guard.total)
+                metrics.update(data.metrics())  # data/skipped/<reason>, summed over ranks
                 log(metrics)
             if step >= total_steps:
                 break
@@ -160,6 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
         if step < total_steps:
             epoch += 1  # a full pass; a run stopped by max_steps resumes inside the same epoch
         last = epoch >= cfg.train.epochs or step >= total_steps
+        log(data.metrics())
         if cfg.train.eval_every_epoch or last:
             metrics = {**metrics, **(_evaluate(model, bundle, cfg) if rank == 0 else {})}
             log({k: v for k, v in metrics.items() if k.startswith("val/")})
@@ -172,6 +176,25 @@ def train_loop_per_worker(config: dict) -> None:
     if monitor is not None:
         monitor.finish()
     tracker.finish()
+
+
+def _train_stream(cfg: ExperimentConfig, steps_per_epoch: int, rank: int, world: int, device):
+    """This rank's :class:`~cliplab.data.stream.RankStream`, from the shard index every worker gets."""
+    import ray
+    import ray.train
+
+    from cliplab.data.stream import RankStream, index_from_rows
+    from cliplab.objectives import resolve
+
+    index = index_from_rows(ray.train.get_dataset_shard("train_index").iter_rows())
+    views, captions_ref = 1, None
+    if resolve(cfg.objective).targets == "soft":  # X-CLR: caption embeddings joined by key, maybe two views
+        from cliplab.data.captions import load_caption_table
+
+        captions_ref = ray.put(load_caption_table(cfg.data.caption_embeddings, cfg.data.s3))
+        views = 2 if cfg.objective.soft_target_views == "image_image" else 1
+    return RankStream(index, cfg.data, cfg.model.name, rank=rank, world=world, steps=steps_per_epoch,
+                      device=device, views=views, captions_ref=captions_ref)
 
 
 def _start_system_metrics(cfg: ExperimentConfig, tracker):

@@ -1,0 +1,260 @@
+"""The shard index: where every usable sample sits in its tar, and why the others are skipped.
+
+Training reads samples by byte range, so that every rank can read its own deterministic list
+of samples (and resume at any of them) instead of whole shards in whatever order Ray Data's
+dynamic split hands them out. The index is one streaming pass over each tar's members
+(parallel over shards, cached on disk by path, size and mtime), which also catches the
+structural faults that never need an image decode:
+
+==================  =====================================================================
+reason              counted per
+==================  =====================================================================
+unreadable_shard    shard that cannot be opened or is not a tar (0 samples from it)
+truncated_tar       shard that ends mid-member or without its end marker (the samples
+                    read before the cut are kept; the one being read is dropped)
+empty_file          sample with a 0-byte member
+missing_image       sample without a jpg/jpeg/png/webp member
+missing_caption     sample without a txt member
+non_utf8_caption    sample whose txt is not UTF-8
+empty_caption       sample whose txt is blank
+==================  =====================================================================
+
+Image content faults (``corrupt_image``, ``truncated_image``, ``decompression_bomb``), byte
+ranges that cannot be read any more (``read_error``) and X-CLR keys without a caption embedding
+(``missing_embedding``) are found by the decode tasks (:mod:`cliplab.data.stream`). Each skip
+is logged with shard and key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cliplab.data.sources import ShardSet
+from cliplab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+INDEX_REASONS = ("unreadable_shard", "truncated_tar", "empty_file", "missing_image", "missing_caption",
+                 "non_utf8_caption", "empty_caption")
+DECODE_REASONS = ("corrupt_image", "truncated_image", "decompression_bomb", "read_error", "missing_embedding")
+REASONS = INDEX_REASONS + DECODE_REASONS
+CACHE_VERSION = 1
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """webdataset's grouping: ``dir/abc.seg.jpg`` → (``dir/abc``, ``seg.jpg``)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+@dataclass
+class ShardIndex:
+    """The usable samples of one tar: byte ranges ``[starts[i], ends[i])`` (member headers
+    included) in tar order, and the count of skipped samples/shards by reason."""
+
+    path: str
+    starts: np.ndarray
+    ends: np.ndarray
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def _check_group(files: dict[str, bytes | int]) -> str | None:
+    if any((v if isinstance(v, int) else len(v)) == 0 for v in files.values()):
+        return "empty_file"
+    if not any(e in files for e in IMAGE_EXTS):
+        return "missing_image"
+    if "txt" not in files:
+        return "missing_caption"
+    try:
+        text = files["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        return "non_utf8_caption"
+    return None if text.strip() else "empty_caption"
+
+
+def scan_shard(path: str, filesystem, url: str | None = None) -> ShardIndex:
+    """One streaming pass over a tar: group members by key and check each sample's structure."""
+    where = url or path
+    starts: list[int] = []
+    ends: list[int] = []
+    skipped: Counter = Counter()
+    current: dict | None = None
+
+    def finish(group: dict | None) -> None:
+        if group is None:
+            return
+        reason = _check_group(group["files"])
+        if reason:
+            skipped[reason] += 1
+            log.warning("skipping %s:%s: %s", where, group["key"], reason.replace("_", " "))
+        else:
+            starts.append(group["start"])
+            ends.append(group["end"])
+
+    try:
+        size = filesystem.get_file_info(path).size
+        with filesystem.open_input_stream(path) as raw:
+            with tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = split_name(member.name)
+                    if current is None or key != current["key"]:
+                        finish(current)
+                        current = {"key": key, "start": member.offset, "files": {}}
+                    data = tar.extractfile(member).read() if ext == "txt" else member.size
+                    current["files"][ext] = data
+                    current["end"] = member.offset_data + -(-member.size // 512) * 512
+        if current is not None and size is not None and current["end"] + 1024 > size:
+            raise tarfile.ReadError("no end-of-archive marker")
+        finish(current)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        if not starts and current is None:
+            skipped["unreadable_shard"] += 1
+            log.warning("skipping shard %s: unreadable (%s)", where, err)
+        else:
+            skipped["truncated_tar"] += 1
+            log.warning("shard %s is truncated after %d samples (%s); the rest is skipped", where,
+                        len(starts), err)
+    return ShardIndex(path, np.asarray(starts, np.int64), np.asarray(ends, np.int64), dict(skipped))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CLIPLAB_INDEX_CACHE") or Path.home() / ".cache" / "cliplab" / "shard-index")
+
+
+def _cache_file(path: str, info) -> Path:
+    mtime = getattr(info, "mtime_ns", None)
+    digest = hashlib.blake2b(f"{CACHE_VERSION}|{path}|{info.size}|{mtime}".encode(), digest_size=16).hexdigest()
+    return _cache_dir() / f"{digest}.pkl"
+
+
+def index_shards(shards: ShardSet, *, workers: int = 16, progress: bool = False) -> list[ShardIndex]:
+    """Index every shard of ``shards`` on a thread pool (I/O bound), reusing cached indexes of
+    unchanged shards (same path, size and mtime; ``CLIPLAB_INDEX_CACHE`` or ~/.cache/cliplab)."""
+    from tqdm import tqdm
+
+    infos = shards.filesystem.get_file_info(list(shards.paths))
+    prefix = "s3://" if shards.is_s3 else ""
+
+    def one(item) -> ShardIndex:
+        path, info = item
+        cache = _cache_file(f"{prefix}{path}", info) if info.size else None
+        if cache is not None and cache.is_file():
+            try:
+                return pickle.loads(cache.read_bytes())
+            except Exception:  # noqa: BLE001 - a bad cache entry is rebuilt
+                pass
+        entry = scan_shard(path, shards.filesystem, f"{prefix}{path}")
+        if cache is not None and "unreadable_shard" not in entry.skipped:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(pickle.dumps(entry))
+                tmp.replace(cache)
+            except OSError:
+                pass
+        return entry
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(infos)))) as pool:
+        return list(tqdm(pool.map(one, zip(shards.paths, infos, strict=True)), total=len(infos),
+                         desc=f"indexing {shards.url}", unit="shard", disable=not progress))
+
+
+@dataclass(frozen=True)
+class TrainIndex:
+    """Every training source's shards, indexed. ``gid`` numbers shards across sources."""
+
+    names: tuple[str, ...]  # per source
+    urls: tuple[str, ...]
+    weights: tuple[float, ...]
+    is_s3: tuple[bool, ...]
+    shard_source: tuple[int, ...]  # per gid
+    shards: tuple[ShardIndex, ...]  # per gid
+
+    def counts(self) -> np.ndarray:
+        return np.array([len(s) for s in self.shards], dtype=np.int64)
+
+    def source_samples(self) -> list[int]:
+        out = [0] * len(self.names)
+        for src, shard in zip(self.shard_source, self.shards, strict=True):
+            out[src] += len(shard)
+        return out
+
+    def skipped(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for shard in self.shards:
+            total.update(shard.skipped)
+        return dict(total)
+
+    def url_of(self, gid: int) -> str:
+        return ("s3://" if self.is_s3[self.shard_source[gid]] else "") + self.shards[gid].path
+
+
+def build_train_index(sources: Sequence[tuple[str, float, ShardSet]], *, progress: bool = False) -> TrainIndex:
+    """Index each ``(name, weight, shards)``; a source with no usable sample is a :class:`DataError`."""
+    names, urls, weights, is_s3, shard_source, entries = [], [], [], [], [], []
+    for i, (name, weight, shards) in enumerate(sources):
+        found = index_shards(shards, progress=progress)
+        usable = sum(len(e) for e in found)
+        if usable == 0:
+            skipped = Counter()
+            for e in found:
+                skipped.update(e.skipped)
+            raise DataError(f"data source '{name}' ({shards.url}) has no readable samples in "
+                            f"{len(found)} shards (skipped: {dict(skipped) or 'nothing'})")
+        names.append(name)
+        urls.append(shards.url)
+        weights.append(float(weight))
+        is_s3.append(shards.is_s3)
+        shard_source.extend([i] * len(found))
+        entries.extend(found)
+    return TrainIndex(tuple(names), tuple(urls), tuple(weights), tuple(is_s3), tuple(shard_source), tuple(entries))
+
+
+def read_ranges(filesystem, path: str, ranges: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    """The bytes of each ``(start, end)`` range of ``path``; adjacent ranges are read as one request."""
+    out: dict[tuple[int, int], bytes] = {}
+    wanted = sorted(set(ranges))
+    runs: list[list[tuple[int, int]]] = []
+    for r in wanted:
+        if runs and r[0] <= runs[-1][-1][1] + 64 * 1024:  # adjacent (or a small gap): one request
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    with filesystem.open_input_file(path) as f:
+        for run in runs:
+            lo, hi = run[0][0], max(e for _, e in run)
+            blob = f.read_at(hi - lo, lo)
+            for start, end in run:
+                out[(start, end)] = blob[start - lo:end - lo]
+    return out
+
+
+def parse_sample(fragment: bytes) -> tuple[str, dict[str, bytes]]:
+    """The key and ``{ext: bytes}`` of one sample's tar members (a byte range from the index)."""
+    files: dict[str, bytes] = {}
+    key = ""
+    with tarfile.open(fileobj=io.BytesIO(fragment), mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                key, ext = split_name(member.name)
+                files[ext] = tar.extractfile(member).read()
+    return key, files
