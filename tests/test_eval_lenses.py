@@ -209,3 +209,23 @@ def test_shipped_templates_are_the_openai_and_simple_lists():
     assert len(OPENAI_IMAGENET) == 80 and len(SIMPLE) == 7
     assert list(OPENAI_IMAGENET) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     assert list(SIMPLE) == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+
+
+def test_the_trainers_evaluate_embeddings_runs_the_shared_scoring():
+    import numpy as np
+
+    from cliplab.eval import evaluate_embeddings
+
+    obj = build_objective(ObjectiveConfig(name="meru"), embed_dim=4)
+    vocab = {"red": 0, "blue": 1, "green": 2, "an emoji of red": 0, "an emoji of blue": 1, "an emoji of green": 2}
+
+    def enc_text(texts):
+        return 3 * F.one_hot(torch.tensor([vocab[t] for t in texts]), 4).float()
+
+    batches = [{"image": 3 * np.eye(4, dtype=np.float32)[:3], "caption": np.array(["red", "blue", "green"], dtype=object),
+                "label": np.array(["red", "blue", "green"], dtype=object)}]
+    out = evaluate_embeddings(lambda im: im, enc_text, obj, batches, ["an emoji of {}"])
+    assert out["val/image_to_text_R1"] == out["val/image_to_text_R10"] == 1.0
+    assert out["val/zeroshot_top1"] == out["val/zeroshot_top5"] == 1.0 and out["val/zeroshot_num_classes"] == 3
+    assert {"val/lens/alignment", "val/lens/entailment_rate", "val/lens/effective_rank_image"} <= set(out)
+    assert "val/lens/alignment" not in evaluate_embeddings(lambda im: im, enc_text, obj, batches, ["{}"], lenses=False)

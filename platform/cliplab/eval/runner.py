@@ -563,20 +563,27 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def log_to_mlflow(report: dict[str, Any], files: Sequence[Path], uri: str, *, experiment: str = "cliplab-eval",
-                  run_name: str | None = None) -> str:
-    """One MLflow run with the flat metrics (step 0; NaNs left out), the model and sets as
-    params, and the report files as artifacts under ``eval/``. Returns the run id."""
+def start_mlflow_run(report: dict[str, Any], uri: str, *, experiment: str = "cliplab-eval",
+                     run_name: str | None = None):
+    """A new MLflow run for ``report`` (tags ``cliplab.kind=eval``, ``cliplab.model``)."""
     from cliplab.tracking.secrets import Redactor
     from cliplab.tracking.tracker import MlflowTracker
 
-    redactor = Redactor()
-    tracker = MlflowTracker(uri, experiment, run_name=run_name or f"eval {report['model']}",
-                            tags={"cliplab.kind": "eval", "cliplab.model": redactor.text(report["model"])})
+    model = Redactor().text(report["model"])
+    return MlflowTracker(uri, experiment, run_name=run_name or f"eval {model}",
+                         tags={"cliplab.kind": "eval", "cliplab.model": model})
+
+
+def log_to_mlflow(tracker, report: dict[str, Any], files: Sequence[Path]) -> str:
+    """Into the run of ``tracker`` (:func:`start_mlflow_run`): the flat metrics (step 0; NaNs
+    left out), the model and sets as params, and the report files as artifacts under ``eval/``;
+    then the run is finished. Returns the run id."""
+    from cliplab.tracking.secrets import Redactor
+
     try:
-        tracker.log_params(redactor.params({"model": report["model"], "objective": report["objective"],
-                                            "geometry": report["geometry"], "model_name": report["model_name"],
-                                            "data": " ".join(d["url"] for d in report["datasets"])}))
+        tracker.log_params(Redactor().params({"model": report["model"], "objective": report["objective"],
+                                              "geometry": report["geometry"], "model_name": report["model_name"],
+                                              "data": " ".join(d["url"] for d in report["datasets"])}))
         metrics = {k: v for k, v in report["metrics"].items() if not math.isnan(v)}
         keys = list(metrics)
         for i in range(0, len(keys), 500):
@@ -614,8 +621,11 @@ def run_eval(model_ref: str, data: Sequence[str], *, out_dir: str | Path, tracki
         if on_result:
             on_result(result)
     report = build_report(model, results)
+    tracker = start_mlflow_run(report, tracking_uri, experiment=experiment) if tracking_uri else None
+    if tracker is not None:
+        report["mlflow_run_id"] = tracker.run_id
     files = write_report(report, out_dir)
     report["files"] = [str(p) for p in files]
-    if tracking_uri:
-        report["mlflow_run_id"] = log_to_mlflow(report, files, tracking_uri, experiment=experiment)
+    if tracker is not None:
+        log_to_mlflow(tracker, report, files)
     return report
