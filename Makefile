@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # the emoji font (images), Unicode's emoji-test.txt (the group/subgroup hierarchy) and FriBiDi
 # (Pillow's text shaping, which draws flags and ZWJ sequences as one glyph), and Chromium (headless, for
 # the dashboard screenshot tests); installed only if absent
-APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0 chromium
+APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0 chromium dataset-fashion-mnist
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
