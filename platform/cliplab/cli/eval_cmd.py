@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                         "tasks per set (default 2)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--traversals", type=int, default=200, help="images to traverse toward [ROOT] (0: none)")
+    p.add_argument("--traversal-nearest", action="store_true",
+                   help="traversals retrieve the nearest text even outside its entailment cone (default: only "
+                        "texts whose cone holds the point, as MERU)")
     p.add_argument("--no-lenses", action="store_true", help="skip the lenses (retrieval/zero-shot only)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_eval(args.model, args.data, out_dir=out, tracking_uri=uri, experiment=args.experiment,
                       use_ray=not args.local, num_cpus=args.num_cpus, min_tasks=args.tasks,
                       batch_size=args.batch_size, templates=args.templates, lenses=not args.no_lenses,
-                      traversals=args.traversals, s3cfg=S3Config(endpoint_url=args.endpoint_url),
+                      traversals=args.traversals, traversal_entailment=not args.traversal_nearest, s3cfg=S3Config(endpoint_url=args.endpoint_url),
                       progress=not args.quiet, on_result=show)
     print(f"report: {report['files'][0]} and {report['files'][1]}")
     if "mlflow_run_id" in report:

@@ -406,11 +406,12 @@ def _hierarchy_pool(model: LoadedModel, captions: list[str], metas: list[dict], 
 
 
 def traversal_report(model: LoadedModel, image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[str],
-                     metas: list[dict], *, max_images: int = 200, steps: int = 50,
-                     examples: int = 10) -> tuple[dict[str, float], list[dict]]:
+                     metas: list[dict], *, max_images: int = 200, steps: int = 50, examples: int = 10,
+                     require_entailment: bool = True) -> tuple[dict[str, float], list[dict]]:
     """MERU's image traversals over the set's hierarchy pool (names, subgroups, groups, [ROOT])
     for up to ``max_images`` images, as ``traversal/…`` metrics
-    (:func:`cliplab.eval.lenses.traversal_order`) and examples (one image per group first)."""
+    (:func:`cliplab.eval.lenses.traversal_order`) and examples (one image per group first).
+    ``require_entailment`` (Lorentz only): retrieve only texts whose cone holds the point, as MERU."""
     from cliplab.eval import lenses
 
     objective = model.objective
@@ -427,12 +428,14 @@ def traversal_report(model: LoadedModel, image_emb: torch.Tensor, text_emb: torc
             if q and len(order) < max_images:
                 order.append(q.pop(0))
     paths = lenses.image_traversals(image_emb[order], pool, geometry, c=lenses.curvature_of(objective),
-                                    k=lenses.aperture_k_of(objective), steps=steps)
+                                    k=lenses.aperture_k_of(objective), steps=steps,
+                                    require_entailment=require_entailment)
     stats = lenses.traversal_order(paths, levels, [truth[i] for i in order])
     named = texts + [lenses.ROOT]
     shown = [{"image": captions[i], "group": metas[i]["group"], "traversal": [named[p] for p in path]}
              for i, path in zip(order[:examples], paths[:examples], strict=False)]
     stats["num_images"] = float(len(order))
+    stats["entailment_gated"] = float(require_entailment and geometry == "lorentz")
     return {f"traversal/{k}": v for k, v in stats.items()}, shown
 
 
@@ -447,7 +450,7 @@ class SetResult:
 
 def evaluate_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, num_cpus: float = 0.5,
                  min_tasks: int = 2, batch_size: int = 64, lenses: bool = True, traversals: int = 200,
-                 progress: bool = True) -> SetResult:
+                 traversal_entailment: bool = True, progress: bool = True) -> SetResult:
     """Embed ``evalset`` (:func:`embed_set`) and score it in the objective's geometry:
     zero-shot (:func:`cliplab.eval.scoring.evaluate_classification`) or retrieval + lenses
     (:func:`cliplab.eval.scoring.evaluate_pairs`) + traversals when the JSON has a hierarchy."""
@@ -477,7 +480,7 @@ def evaluate_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, 
             metrics = evaluate_pairs(objective, image_emb, text_emb, lenses=lenses)
             if traversals and all("group" in m and "subgroup" in m for m in feats["meta"]):
                 extra, examples = traversal_report(model, image_emb, text_emb, feats["caption"], feats["meta"],
-                                                   max_images=traversals)
+                                                   max_images=traversals, require_entailment=traversal_entailment)
                 metrics.update(extra)
     return SetResult(evalset, metrics, feats["skipped"], examples, time.monotonic() - start)
 
@@ -600,7 +603,7 @@ def log_to_mlflow(tracker, report: dict[str, Any], files: Sequence[Path]) -> str
 def run_eval(model_ref: str, data: Sequence[str], *, out_dir: str | Path, tracking_uri: str | None = None,
              experiment: str = "cliplab-eval", use_ray: bool = True, num_cpus: float = 0.5, min_tasks: int = 2,
              batch_size: int = 64, templates: str | None = None, lenses: bool = True, traversals: int = 200,
-             s3cfg=None, progress: bool = True,
+             traversal_entailment: bool = True, s3cfg=None, progress: bool = True,
              on_result: Callable[[SetResult], None] | None = None) -> dict[str, Any]:
     """``cliplab eval`` as a function: load the model, open every set (all checked before any
     embedding), evaluate them, write the report into ``out_dir`` and, with a tracking URI, log it
@@ -616,7 +619,8 @@ def run_eval(model_ref: str, data: Sequence[str], *, out_dir: str | Path, tracki
     results = []
     for s in sets:
         result = evaluate_set(model, s, use_ray=use_ray, num_cpus=num_cpus, min_tasks=min_tasks,
-                              batch_size=batch_size, lenses=lenses, traversals=traversals, progress=progress)
+                              batch_size=batch_size, lenses=lenses, traversals=traversals,
+                              traversal_entailment=traversal_entailment, progress=progress)
         results.append(result)
         if on_result:
             on_result(result)
