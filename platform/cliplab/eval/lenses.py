@@ -74,7 +74,7 @@ def effective_rank(x: torch.Tensor, threshold: float = 0.99, chunk: int = 4096) 
     if n < 2:
         return 0
     mean = x.mean(dim=0)
-    cov = torch.zeros(d, d, dtype=torch.float64)
+    cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for s in range(0, n, chunk):
         xc = x[s:s + chunk] - mean
         cov += xc.T @ xc
@@ -106,8 +106,8 @@ def uniformity(x: torch.Tensor, t: float = 2.0, chunk: int = 1024) -> float:
     for s in range(0, n, chunk):
         rows = x[s:s + chunk]
         d2 = torch.cdist(rows, x).pow(2)
-        upper = torch.arange(s, s + len(rows))[:, None] < torch.arange(n)[None, :]  # j > i only
-        parts.append(torch.logsumexp((-t * d2)[upper], dim=0))
+        upper = torch.arange(s, s + len(rows), device=x.device)[:, None] < torch.arange(n, device=x.device)[None, :]
+        parts.append(torch.logsumexp((-t * d2)[upper], dim=0))  # j > i only
     return float(torch.logsumexp(torch.stack(parts), dim=0) - math.log(n * (n - 1) / 2))
 
 
@@ -126,8 +126,8 @@ def ajne_statistic(x: torch.Tensor, chunk: int = 1024) -> float:
     for s in range(0, n, chunk):
         rows = x[s:s + chunk]
         angles = torch.acos((rows @ x.T).clamp(-1.0, 1.0))
-        upper = torch.arange(s, s + len(rows))[:, None] < torch.arange(n)[None, :]
-        total += angles[upper].sum()
+        upper = torch.arange(s, s + len(rows), device=x.device)[:, None] < torch.arange(n, device=x.device)[None, :]
+        total += angles[upper].sum().cpu()  # j > i only
     return float(n / 4 - total / (math.pi * n))
 
 
@@ -174,7 +174,7 @@ def path_to_root(x: torch.Tensor, geometry: str, *, c=None, root: torch.Tensor |
     ``w = 0, 1/steps, …, 1`` (geodesics through the origin are straight lines in its tangent
     space), so the last point is the origin. Sphere: ``normalize((1 − w) x + w · root)``,
     where ``root`` is a unit vector (MERU uses the mean text embedding of the pool for CLIP)."""
-    w = torch.linspace(0, 1, steps + 1, dtype=torch.float64)[:, None]
+    w = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=x.device)[:, None]
     x = x.detach().double()
     if geometry == "lorentz":
         c = torch.as_tensor(c, dtype=torch.float64)
@@ -200,7 +200,7 @@ def image_traversals(images: torch.Tensor, pool: torch.Tensor, geometry: str, *,
     paths = []
     if geometry == "lorentz":
         c = torch.as_tensor(c, dtype=torch.float64)
-        root = torch.zeros(1, pool.shape[1], dtype=torch.float64)
+        root = torch.zeros(1, pool.shape[1], dtype=torch.float64, device=pool.device)
         aperture = L.half_aperture(pool, c, k)  # P
         for x in images:
             pts = path_to_root(x, geometry, c=c, steps=steps)  # S × D

@@ -37,9 +37,9 @@ def zero_shot_report(image_emb: torch.Tensor, targets: torch.Tensor, class_emb: 
     """Top-k accuracy (``top{k}``; k is capped at the number of classes) and the mean per-class
     top-1 accuracy (``mean_per_class``, over the classes present in ``targets``) of ranking the
     ``class_emb`` rows by ``similarity(image, class)``; ``targets`` are class indices."""
-    targets = torch.as_tensor(targets, dtype=torch.long)
+    targets = torch.as_tensor(targets, dtype=torch.long).to(image_emb.device)
     n_classes = len(class_emb)
-    correct = {k: torch.zeros(len(targets), dtype=torch.bool) for k in ks}
+    correct = {k: torch.zeros(len(targets), dtype=torch.bool, device=image_emb.device) for k in ks}
     for start in range(0, len(targets), chunk):
         sim = similarity(image_emb[start:start + chunk], class_emb)
         t = targets[start:start + chunk]

@@ -55,7 +55,8 @@ def evaluate_pairs(objective, image_emb: torch.Tensor, text_emb: torch.Tensor, *
     if labels is not None and classnames:
         index = {c: i for i, c in enumerate(classnames)}
         class_emb = class_embeddings(objective, encode_texts, classnames, templates)
-        out.update(zero_shot(objective, image_emb, torch.tensor([index[x] for x in labels]), class_emb))
+        targets = torch.tensor([index[x] for x in labels], device=image_emb.device)
+        out.update(zero_shot(objective, image_emb, targets, class_emb.to(image_emb.device)))
     if lenses:
         out.update({f"lens/{k}": v for k, v in lens_report(objective, image_emb, text_emb).items()})
     return out
