@@ -28,9 +28,12 @@ def test_demo_quick(tmp_path):
     assert sorted(objectives) == ["clip", "cloob", "meru", "siglip", "xclr"], out[-3000:]
     assert re.search(r"caption embeddings \(X-CLR\): \d+ train captions", out)
     assert re.search(r"registered: cliplab-demo version \d+, alias 'champion'", out)
+    # the eval stage: the champion on Fashion-MNIST, emoji groups and val retrieval
+    assert re.search(r"\| objective \| Fashion-MNIST zero-shot top-1 \| emoji groups zero-shot top-1 \|", out)
+    assert re.search(r"\| (clip|siglip|cloob|meru|xclr) +\| 0\.\d{3} +\| 0\.\d{3} +\| 0\.\d{3}", out), out[-3000:]
     assert re.search(r"MLflow UI: +http://127\.0\.0\.1:\d+", out)
     assert re.search(r"Ray dashboard: http://127\.0\.0\.1:\d+", out)
     assert (tmp_path / "demo" / "data" / "emoji" / "stats.json").is_file()
     # five short trials take about 4-5 minutes on a 2-core machine (289 s measured, corpus rendering
     # included); speed is a benchmark's job, so this bound only catches a run that is far off
-    assert elapsed < 480, f"demo --quick took {elapsed:.0f} s"
+    assert elapsed < 540, f"demo --quick took {elapsed:.0f} s"

@@ -4,7 +4,8 @@ On embedded defaults it starts a local S3 server, an MLflow server and a Ray clu
 emoji corpus into shards, embeds its captions for X-CLR (a Ray Data job), uploads both to S3, runs
 ``sweeps/demo.py`` on Ray Tune (one TorchTrainer per trial and objective, 2 CPU workers with gloo
 DDP), registers the best trial as ``cliplab-demo@champion`` and prints a table with a row per
-objective. Everything lives under ``--workdir``; runs and
+objective; then evaluates every objective's final model on Fashion-MNIST (zero-shot), the emoji
+groups (zero-shot) and the val split (retrieval, MERU's entailment rate). Everything lives under ``--workdir``; runs and
 models persist there, so ``cliplab services mlflow --dir WORKDIR/services/mlflow`` reopens them.
 """
 
@@ -45,12 +46,12 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
     t0 = time.perf_counter()
     corpus = workdir / "data" / "emoji"
     if (corpus / "stats.json").is_file():
-        print(f"[1/5] emoji corpus: reusing {corpus}")
+        print(f"[1/6] emoji corpus: reusing {corpus}")
     else:
-        print(f"[1/5] emoji corpus: rendering into {corpus}")
+        print(f"[1/6] emoji corpus: rendering into {corpus}")
         build_emoji_corpus(corpus)
 
-    print("[2/5] services: starting S3 (SeaweedFS), MLflow and Ray on 127.0.0.1")
+    print("[2/6] services: starting S3 (SeaweedFS), MLflow and Ray on 127.0.0.1")
     with S3Service(workdir / "services" / "s3", buckets=(BUCKET,)) as s3:
         os.environ.update(s3.env())  # the driver and the Ray cluster (started next) read S3 with these
         with MlflowService(workdir / "services" / "mlflow") as mlflow_svc, \
@@ -60,11 +61,11 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
             captions = corpus / "train" / EMBED_DIR
             if any(captions.glob("*.parquet")) and \
                     captions.stat().st_mtime >= (corpus / "stats.json").stat().st_mtime:
-                print(f"[3/5] caption embeddings (X-CLR): reusing {captions}")
+                print(f"[3/6] caption embeddings (X-CLR): reusing {captions}")
             else:
                 init_ray(ray_svc.address)
                 _, rows = embed_captions(resolve_shards(str(corpus / "train"), S3Config()), str(captions))
-                print(f"[3/5] caption embeddings (X-CLR): {rows} train captions -> {captions}")
+                print(f"[3/6] caption embeddings (X-CLR): {rows} train captions -> {captions}")
             n = upload(corpus, f"s3://{BUCKET}/emoji", S3Config(endpoint_url=s3.endpoint))
             print(f"      uploaded {n} files to s3://{BUCKET}/emoji/")
             overrides = [
@@ -79,11 +80,17 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
             sweep = load_sweep(sweep_file, overrides)
             if quick:
                 sweep = _quick(sweep)
-            print(f"[4/5] sweep {sweep_file}: {sweep.num_trials} trials on Ray Tune")
+            print(f"[4/6] sweep {sweep_file}: {sweep.num_trials} trials on Ray Tune")
             try:
                 outcome = run_sweep(sweep, address=ray_svc.address)
-                print("[5/5] results\n")
+                print("[5/6] results\n")
                 print_outcome(sweep, outcome)
+                print("\n[6/6] eval of every objective's final model (`cliplab eval`'s code): zero-shot on "
+                      "Fashion-MNIST and emoji groups, val retrieval, MERU's entailment\n")
+                sets = eval_sets(workdir, fmnist_limit=500 if quick else 2000)
+                # --quick evaluates the champion only, in process; the full demo every objective, on Ray
+                rows = [outcome.best] if quick and outcome.best else outcome.rows
+                print_eval_table(evaluate_trials(rows, sets, workdir / "eval", use_ray=not quick))
                 print(f"\nMLflow UI:     {mlflow_svc.uri}  (experiment '{sweep.base.tracking.experiment}')")
                 print(f"Ray dashboard: {ray_svc.dashboard_url}")
                 print(f"finished in {time.perf_counter() - t0:.0f} s")
@@ -102,3 +109,49 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
           f"`cliplab services mlflow --dir {workdir / 'services' / 'mlflow'}`")
     return {"outcome": outcome, "sweep": sweep}
 
+
+
+def eval_sets(workdir: Path, *, fmnist_limit: int = 2000) -> list[str]:
+    """The demo's eval sets (built once): Fashion-MNIST (10 real photo classes, zero-shot), the
+    emoji val split as a classification set (groups as classes) and the val shards (retrieval)."""
+    from cliplab.data.emoji import build_emoji_eval_set
+    from cliplab.data.evalsets import build_fashion_mnist
+
+    fmnist, emoji_groups = workdir / "data" / "fashion-mnist", workdir / "data" / "emoji-groups"
+    if not (fmnist / "classnames.txt").is_file():
+        build_fashion_mnist(fmnist, limit=fmnist_limit, image_px=64, progress=False)
+    if not (emoji_groups / "classnames.txt").is_file():
+        build_emoji_eval_set(emoji_groups, image_px=64, progress=False)
+    return [str(fmnist), str(emoji_groups), str(workdir / "data" / "emoji" / "val")]
+
+
+def evaluate_trials(rows: list[dict], sets: list[str], out: Path, *, use_ray: bool = True) -> list[dict]:
+    """Every trial's final checkpoint through ``cliplab eval``'s code; one row per objective."""
+    from cliplab.eval.runner import run_eval
+
+    table = []
+    for row in rows:
+        ckpt = row.get("checkpoint_path")
+        if not ckpt:
+            continue
+        objective = row.get("objective.name") or "?"
+        report = run_eval(ckpt, sets, out_dir=out / objective, use_ray=use_ray, progress=False, traversals=100)
+        fm, groups, val = (d["metrics"] for d in report["datasets"])  # in the order of ``sets``
+        table.append({"objective": objective, "fmnist": fm.get("zeroshot_top1"),
+                      "groups": groups.get("zeroshot_top1"), "i2t": val.get("image_to_text_R1"),
+                      "t2i": val.get("text_to_image_R1"), "i2t10": val.get("image_to_text_R10"),
+                      "entail": val.get("lens/entailment_rate")})
+    return table
+
+
+def print_eval_table(table: list[dict]) -> None:
+    from cliplab.report import markdown_table
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = [{k: (v if k == "objective" else fmt(v)) for k, v in r.items()} for r in table]
+    print(markdown_table(rows, [("objective", "objective"), ("Fashion-MNIST zero-shot top-1", "fmnist"),
+                                ("emoji groups zero-shot top-1", "groups"), ("val R@1 i→t", "i2t"),
+                                ("val R@1 t→i", "t2i"), ("val R@10 i→t", "i2t10"),
+                                ("MERU entailment rate", "entail")]))
