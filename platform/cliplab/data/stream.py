@@ -299,6 +299,7 @@ class RankStream:
                             fn_kwargs={"model_name": self.model_name, "s3": json.dumps(to_dict(self.cfg.s3)),
                                        "views": self.views, "captions_ref": self.captions_ref})
         ds.context.execution_options.preserve_order = True
+        ds.context.target_max_block_size = 16 << 20  # stream a window out in blocks, not at the task's end
         return ds
 
     def _blocks(self, plan: RankPlan, start: int) -> Iterator[dict[str, np.ndarray]]:
