@@ -161,13 +161,6 @@ def decode_batch(batch: dict[str, Any], *, model_name: str, train: bool, label_k
     return out
 
 
-def count_samples(shards: ShardSet) -> int:
-    """Samples in ``shards`` (rows of the raw webdataset read, nothing decoded)."""
-    import ray.data
-
-    return ray.data.read_webdataset(list(shards.paths), filesystem=shards.filesystem, decoder=None).count()
-
-
 def build_dataset(shards: ShardSet, *, model_name: str, train: bool, label_key: str | None,
                   shuffle_files: bool = False, seed: int = 0, cpus_per_task: float = 1.0,
                   views: int = 1, captions_ref=None):
