@@ -127,6 +127,49 @@ def test_a_spool_left_by_a_long_outage_is_flushed_later_by_the_cli(tmp_path):
     assert not spool.exists()
 
 
+def test_a_restarted_run_sends_what_a_killed_process_left_in_the_spool(tmp_path):
+    """A worker SIGKILLed during an outage leaves unsent records; the tracker of its replacement
+    (same run id, as after a restart from a checkpoint) sends them first, then its own."""
+    from cliplab.services import MlflowService
+    from cliplab.tracking.spool import SpoolingTracker, quiet_mlflow_retries
+
+    quiet_mlflow_retries()
+    root, spool_root = tmp_path / "mlflow", tmp_path / "spool"
+    server = MlflowService(root).start()
+    port, uri = server.port, server.uri
+    run_id = _new_run(uri, "restarted")
+    server.stop()
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from cliplab.tracking.spool import SpoolingTracker, quiet_mlflow_retries
+quiet_mlflow_retries()
+t = SpoolingTracker({uri!r}, {run_id!r}, spool_root={str(spool_root)!r}, retry_s=0.2)
+for step in range(1, 8):
+    t.log_metrics({{"train/loss": float(step)}}, step)
+print("logged", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "logged"
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert len((spool_root / run_id / "ops.jsonl").read_text().splitlines()) == 7
+
+    with MlflowService(root, port=port):
+        tracker = SpoolingTracker(uri, run_id, spool_root=spool_root, flush_timeout_s=60, retry_s=0.2)
+        tracker.log_metrics({"train/resumed_from_step": 5.0}, 5)
+        for step in range(6, 10):  # the redone steps and beyond
+            tracker.log_metrics({"train/loss": float(step)}, step)
+        tracker.finish()
+        client = MlflowClient(uri)
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+        assert steps == [1, 2, 3, 4, 5, 6, 6, 7, 7, 8, 9]
+        assert [m.step for m in client.get_metric_history(run_id, "train/resumed_from_step")] == [5]
+        assert client.get_run(run_id).info.status == "FINISHED"
+    assert not (spool_root / run_id).exists()
+
+
 # ---------------------------------------------------------------------------------- secrets scan
 
 def _everything_logged(client: MlflowClient, run_id: str, tmp_path: Path) -> list[tuple[str, str]]:
@@ -168,42 +211,6 @@ def test_no_planted_secret_reaches_mlflow_from_the_tracker(tmp_path, monkeypatch
     assert any(text == "tracking.uri=http://cliplab:***@" + mlflow_server.uri[len("http://"):] for _, text in logged)
     leaks = [(where, s) for where, text in logged for s in secrets if s in text]
     assert leaks == []
-
-
-@pytest.mark.ray
-@pytest.mark.s3
-def test_a_training_run_logs_provenance_artifacts_and_no_secret(tmp_path, s3_server, mlflow_server, ray_cluster):
-    """The real trainer: params (config, git SHA, versions), tags, system metrics, the resolved
-    config, eval report and curves as artifacts; the S3 keys and a URI password never appear."""
-    from cliplab.train.launch import run_training
-
-    uri_with_pw = mlflow_server.uri.replace("http://", "http://cliplab:planted-uri-pw-93@")
-    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"tracking.uri": uri_with_pw, "train.max_steps": 3,
-                                                            "tracking.run_name": "tracked-run"})
-    result = run_training(cfg, name="tracked")
-    assert result.error is None
-    client = MlflowClient(mlflow_server.uri)
-    # two workers, one run: only rank 0 logs
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    assert len(client.search_runs([exp.experiment_id], "attributes.run_name = 'tracked-run'")) == 1
-    run = client.get_run(result.metrics["mlflow_run_id"])
-    params, tags = run.data.params, run.data.tags
-    assert params["git.sha"] not in ("", "unknown") and len(params["git.sha"].split("+")[0]) == 40
-    assert {"version.torch", "version.ray", "version.open_clip", "version.cliplab"} <= set(params)
-    assert params["version.ray"] == "2.60.0" and params["objective.name"] == "clip"
-    assert {tags["objective"], tags["model"], tags["dataset"]} == {"clip", "cliplab-tiny", cfg.data.train}
-    assert "sweep" in tags
-    names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "config.json", "eval", "plots"} <= names
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/learning_curves.png"}
-    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
-    report = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/eval_report.json",
-                                                       str(tmp_path))).read_text())
-    assert report["val/image_to_text_R1"] == pytest.approx(result.metrics["val/image_to_text_R1"])
-
-    secrets = [s3_server.access_key, s3_server.secret_key, "planted-uri-pw-93"]
-    logged = _everything_logged(client, run.info.run_id, tmp_path)
-    assert [(where, s) for where, text in logged for s in secrets if s in text] == []
 
 
 # ---------------------------------------------------------------------------------- the model

@@ -1,6 +1,7 @@
 """A real 2-worker Ray Train run (gloo DDP) reading shards from the local S3 server, logging to a
 real mlflow server."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.mlflow]
 
 
 def test_two_worker_run_writes_checkpoints_and_mlflow_metrics(tmp_path, s3_server, mlflow_server, ray_cluster):
+    """Also the tracking contract of a real run: params (config, git SHA, versions), tags, system
+    metrics, the resolved config, eval report and curves as artifacts, one run for two workers;
+    the S3 keys and a password in the tracking URI never reach MLflow."""
     from cliplab.train.checkpoint import load_config, load_trainer_state
     from cliplab.train.launch import run_training
+    from test_tracking import _everything_logged
 
-    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"train.max_steps": 4, "train.checkpoint_every": 2})
+    uri_with_pw = mlflow_server.uri.replace("http://", "http://cliplab:planted-uri-pw-93@")
+    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"train.max_steps": 4, "train.checkpoint_every": 2,
+                                                            "tracking.uri": uri_with_pw,
+                                                            "tracking.run_name": "two-worker-run"})
     result = run_training(cfg, name="two-workers")
     assert result.error is None
     metrics = result.metrics
@@ -39,6 +47,24 @@ def test_two_worker_run_writes_checkpoints_and_mlflow_metrics(tmp_path, s3_serve
     assert steps == [1, 2, 3, 4]
     assert client.get_metric_history(run.info.run_id, "val/image_to_text_R1")[-1].step == 4
     assert run.info.status == "FINISHED"
+
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)  # two workers, one run: rank 0 logs
+    assert len(client.search_runs([exp.experiment_id], "attributes.run_name = 'two-worker-run'")) == 1
+    params, tags = run.data.params, run.data.tags
+    assert params["git.sha"] not in ("", "unknown") and len(params["git.sha"].split("+")[0]) == 40
+    assert {"version.torch", "version.ray", "version.open_clip", "version.cliplab"} <= set(params)
+    assert params["version.ray"] == "2.60.0"
+    assert (tags["model"], tags["dataset"]) == ("cliplab-tiny", cfg.data.train) and "sweep" in tags
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "config.json", "eval", "plots"} <= names
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/learning_curves.png"}
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/eval_report.json",
+                                                       str(tmp_path))).read_text())
+    assert report["val/image_to_text_R1"] == pytest.approx(metrics["val/image_to_text_R1"])
+    secrets = [s3_server.access_key, s3_server.secret_key, "planted-uri-pw-93"]
+    logged = _everything_logged(client, run.info.run_id, tmp_path)
+    assert [(where, s) for where, text in logged for s in secrets if s in text] == []
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ Every call is redacted (:mod:`cliplab.tracking.secrets`), appended to an on-disk
 records to MLflow in order. When the server is unreachable the thread keeps retrying with
 backoff while training goes on; when it is back the backlog is flushed, with each metric's
 original step and timestamp. ``finish`` waits up to ``flush_timeout_s`` for the backlog. Anything
-still unsent stays in the spool, and ``cliplab tracking flush SPOOL`` sends it later.
+still unsent stays in the spool, and ``cliplab tracking flush SPOOL`` sends it later. A tracker
+opened on the same run (a restart from a checkpoint) sends the previous process's leftovers first.
 
 Spool layout (one folder per run)::
 
@@ -110,10 +111,13 @@ class SpoolingTracker:
         meta = self.spool / "meta.json"
         meta.write_text(json.dumps({"uri": uri, "run_id": run_id}))  # local only, owner-readable
         meta.chmod(0o600)
+        # a run restarted from a checkpoint reuses its run id: send what the previous process left unsent
+        leftovers, last_seq = _unsent(self.spool)
+        leftovers = [r for r in leftovers if r["op"] != "finish"]  # this process decides how the run ends
         self._ops = open(self.spool / "ops.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
-        self._queue: deque = deque()
+        self._queue: deque = deque(leftovers)
         self._cond = threading.Condition()
-        self._seq = 0
+        self._seq = last_seq + 1
         self._closed = False
         self.metrics_produced = 0
         self.metrics_sent = 0
@@ -226,13 +230,27 @@ class SpoolingTracker:
                 self._cond.notify_all()
 
 
+def _unsent(spool: Path) -> tuple[list[dict], int]:
+    """The records of a spool folder that MLflow has not acknowledged, and the highest seq in it (-1 if none)."""
+    ops = spool / "ops.jsonl"
+    if not ops.is_file():
+        return [], -1
+    acked = int((spool / "acked").read_text() or -1) if (spool / "acked").is_file() else -1
+    records = []
+    for line in ops.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a killed process
+            continue
+    last = max((r["seq"] for r in records), default=-1)
+    return [r for r in records if r["seq"] > acked], last
+
+
 def flush_spool(spool: str | Path, uri: str | None = None) -> int:
     """Send the unacknowledged records of a spool folder left by a run. Returns how many were sent."""
     spool = Path(spool)
     meta = json.loads((spool / "meta.json").read_text())
-    acked = int((spool / "acked").read_text()) if (spool / "acked").is_file() else -1
-    records = [json.loads(line) for line in (spool / "ops.jsonl").read_text().splitlines() if line.strip()]
-    queue = deque(r for r in records if r["seq"] > acked)
+    queue = deque(_unsent(spool)[0])
     sender = Sender(uri or meta["uri"], meta["run_id"], spool)
     sent = 0
     while queue:

@@ -95,6 +95,8 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for path in write_config(to_dict(cfg), Path(tmp)):
                 tracker.log_artifact(path)
+    if resume is not None:  # visible in MLflow: where each restart picked the run up
+        tracker.log_metrics({"train/resumed_from_step": float(step)}, step)
     history: list[tuple[int, dict[str, float]]] = []  # rank 0's logged metrics, for the curves plot
     monitor = _start_system_metrics(cfg, tracker)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
