@@ -187,6 +187,24 @@ def _everything_logged(client: MlflowClient, run_id: str, tmp_path: Path) -> lis
     return found
 
 
+def test_a_run_shorter_than_the_sampling_interval_still_gets_system_metrics(mlflow_server):
+    """MLflow's sampler publishes only after a full interval; stopping it publishes what it holds."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from cliplab.train.worker import _stop_system_metrics
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.create_run(client.create_experiment(f"short-run-{time.time_ns()}"))
+    monitor = SystemMetricsMonitor(run.info.run_id, sampling_interval=60.0, samples_before_logging=1,
+                                   tracking_uri=mlflow_server.uri)
+    monitor.start()
+    time.sleep(0.5)
+    _stop_system_metrics(monitor)
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(logged)
+    assert 0.0 <= logged["system/cpu_utilization_percentage"] <= 100.0 * os.cpu_count()
+
+
 def test_no_planted_secret_reaches_mlflow_from_the_tracker(tmp_path, monkeypatch, mlflow_server):
     from cliplab.config import flatten, to_dict
     from cliplab.tracking import build_tracker

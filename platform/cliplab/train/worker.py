@@ -176,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         _log_run_artifacts(tracker, metrics, history, title=f"{trial} ({cfg.objective.name})")
     if monitor is not None:
-        monitor.finish()
+        _stop_system_metrics(monitor)
     tracker.finish()
 
 
@@ -214,6 +214,21 @@ def _start_system_metrics(cfg: ExperimentConfig, tracker):
     except Exception as err:  # noqa: BLE001 - system metrics are a nice-to-have, never fatal
         logging.getLogger(__name__).warning("MLflow system metrics are off: %s", err)
         return None
+
+
+def _stop_system_metrics(monitor) -> None:
+    """Stop the sampler, then publish what it sampled since its last publish plus one last sample.
+
+    MLflow's monitor publishes only after a full sampling interval and drops its pending samples on
+    ``finish()``, so without this a run shorter than the interval would have no ``system/*`` at all.
+    """
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as err:  # noqa: BLE001 - system metrics are a nice-to-have, never fatal
+        logging.getLogger(__name__).warning("MLflow system metrics: the last sample was not logged: %s", err)
 
 
 def _log_run_artifacts(tracker, metrics: dict[str, float], history, *, title: str) -> None:
