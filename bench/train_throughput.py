@@ -17,6 +17,7 @@ data path (Ray Data) runs in separate CPU tasks. Prints a Markdown table and the
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ from cliplab.config import ModelConfig, ObjectiveConfig, OptimConfig
 from cliplab.distributed import DistContext
 from cliplab.models import CONFIG_DIR, DualEncoder, build_model
 from cliplab.objectives import build_objective
+from cliplab.train.metering import count_flops, peak_tflops
 from cliplab.train.step import build_optimizer, cosine_with_warmup, train_step
 
 OPEN_CLIP_PRECISION = {"bf16": "amp_bf16", "fp32": "fp32"}
@@ -40,7 +42,7 @@ def open_clip_train(args) -> float:
     """Median samples/s of open_clip_train.main on synthetic data."""
     with tempfile.TemporaryDirectory() as logs:
         argv = ["--dataset-type", "synthetic", "--train-num-samples", str(args.steps * args.batch),
-                "--batch-size", str(args.batch), "--epochs", "1", "--model", args.model, "--workers", "1",
+                "--batch-size", str(args.batch), "--epochs", "1", "--model", args.model, "--workers", str(args.workers),
                 "--precision", OPEN_CLIP_PRECISION[args.precision], "--device", args.device,
                 "--log-every-n-steps", "1", "--logs", logs, "--name", "bench", "--save-frequency", "0",
                 "--report-to", "", "--warmup", "10", "--lr", "5e-4"]
@@ -60,13 +62,16 @@ def cliplab_step(args, compile_model: bool) -> float:
     bundle = build_model(ModelConfig(name=args.model))
     module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name="clip"), bundle.embed_dim)).to(args.device)
     if compile_model:
-        module.model.compile()
+        module.compile_encoders()
     opt = build_optimizer(module, OptimConfig())
     sched = cosine_with_warmup(opt, 10, 10_000)
     size = bundle.model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
     batch = {"image": torch.randn(args.batch, 3, size, size, device=args.device),
              "text": torch.randint(0, 49408, (args.batch, bundle.context_length), device=args.device)}
+    if args.flops is None:  # counted once, eager, on the first (warm-up) step: the same FLOPs compiled
+        _, args.flops = count_flops(lambda: train_step(module, batch, opt, sched, DistContext(),
+                                                       precision=args.precision))
     times = []
     for _ in range(args.steps):
         if args.device.startswith("cuda"):
@@ -88,8 +93,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="open_clip_train's data-loader worker processes (its synthetic images are made on the CPU)")
     p.add_argument("--compile", action="store_true", help="also time cliplab's step under torch.compile")
     args = p.parse_args()
+    args.flops = None
 
     rows = [("open_clip_train.main (synthetic)", open_clip_train(args))]
     rows.append(("cliplab train_step (eager)", cliplab_step(args, compile_model=False)))
@@ -98,9 +106,15 @@ def main() -> None:
     base = rows[0][1]
     device = torch.cuda.get_device_name() if gpu and args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.model}, batch {args.batch}, {args.precision}, {device}, median of steps {args.warmup}..{args.steps}\n")
-    print("| trainer | samples/s | vs open_clip_train |\n| --- | --- | --- |")
+    peak = peak_tflops(torch.device(args.device))
+    per_sample = args.flops / args.batch  # the same model and batch in every row
+    print(f"FLOPs per sample (torch.utils.flop_counter, forward + backward): {per_sample / 1e9:.1f} GFLOP; "
+          f"peak bf16 dense: {peak or 'unknown'} TFLOP/s\n")
+    print("| trainer | samples/s | vs open_clip_train | TFLOP/s | MFU |\n| --- | --- | --- | --- | --- |")
     for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} | {rate / base:.2f}× |")
+        tflops = rate * per_sample / 1e12
+        mfu = f"{tflops / peak:.1%}" if peak else "n/a"
+        print(f"| {name} | {rate:,.0f} | {rate / base:.2f}× | {tflops:.1f} | {mfu} |")
 
 
 if __name__ == "__main__":

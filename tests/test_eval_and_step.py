@@ -109,3 +109,26 @@ def test_xclr_trains_the_image_tower_only():
     trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("visual.") for n in trainable)
     assert not bundle.model.token_embedding.weight.requires_grad
+
+
+def test_compile_encoders_runs_compiled_code_with_the_same_features_and_keys():
+    """`train.compile` must compile what the step calls (encode_image/encode_text via forward)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="cliplab-tiny"))
+    module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name="clip"), bundle.embed_dim)).eval()
+    images = torch.randn(4, 3, 64, 64)
+    texts = torch.randint(0, 49408, (4, bundle.context_length))
+    keys = list(module.state_dict())
+    with torch.no_grad():
+        eager = module(images, texts)
+    torch._dynamo.reset()
+    counters.clear()
+    module.compile_encoders(backend="eager")  # dynamo's capture without inductor's codegen: seconds on CPU
+    with torch.no_grad():
+        compiled = module(images, texts)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured and compiled the encoders
+    assert list(module.state_dict()) == keys
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
         data_position = state.get("data_position")  # continue at the next unseen sample of the epoch
         ckpt.restore_rng(state)
     if cfg.train.compile:
-        module.model.compile()  # in place: state dict keys stay open_clip's
+        module.compile_encoders()
     model = ray.train.torch.prepare_model(module)
     ctx = DistContext.current()
 
