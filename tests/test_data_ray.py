@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.s3]
 
 
 def _recorded(folder: Path) -> dict[int, list[str]]:
-    return {int(p.stem.removeprefix("rank")): [line.split("\t")[1] for line in p.read_text().splitlines()]
+    return {int(p.stem.removeprefix("rank")): [line.split("\t")[2] for line in p.read_text().splitlines()]
             for p in sorted(folder.glob("rank*.tsv"))}
 
 
@@ -23,12 +23,8 @@ def _recorded(folder: Path) -> dict[int, list[str]]:
 @pytest.mark.mlflow
 def test_stopped_mid_epoch_then_resumed_reads_every_sample_exactly_once_in_plan_order(
         tmp_path, s3_server, mlflow_server, ray_cluster, emoji_corpus):
-    from cliplab.config import S3Config
-    from cliplab.data import plan
-    from cliplab.data.shards import read_shard_samples
-    from cliplab.data.sources import resolve_shards
     from cliplab.train.checkpoint import load_trainer_state
-    from cliplab.train.launch import run_training, steps_per_epoch, train_index
+    from cliplab.train.launch import run_training, steps_per_epoch
 
     record = tmp_path / "keys"
     cfg = experiment(tmp_path, s3_server, mlflow_server, **{
@@ -55,15 +51,25 @@ def test_stopped_mid_epoch_then_resumed_reads_every_sample_exactly_once_in_plan_
     assert dupes == [] and len(every) == 2 * steps * 16
 
     # exactly the plan: each rank's keys, in order, are the first steps×16 of its rank plan
-    index = train_index(cfg)
-    shards = resolve_shards("s3://cliplab/emoji/train/", S3Config(endpoint_url=s3_server.endpoint))
+    for rank in (0, 1):
+        assert both[rank] == plan_keys(cfg, s3_server, emoji_corpus, epoch=0, world=2, rank=rank)[:steps * 16]
+
+
+def plan_keys(cfg, s3_server, emoji_corpus, *, epoch: int, world: int, rank: int) -> list[str]:
+    """The sample keys of one rank's plan for ``epoch``, in plan order, read from the local corpus."""
+    from cliplab.config import S3Config
+    from cliplab.data import plan
+    from cliplab.data.shards import read_shard_samples
+    from cliplab.data.sources import resolve_shards
+    from cliplab.train.launch import train_index
+
+    shards = resolve_shards(cfg.data.train, S3Config(endpoint_url=s3_server.endpoint))
     corpus = emoji_corpus[0] / "train"
     keys = {(g, i): s.key for g, path in enumerate(shards.paths)
             for i, s in enumerate(read_shard_samples(corpus / Path(path).name))}
-    for rank in (0, 1):
-        p = plan.rank_plan(index, seed=cfg.data.seed, epoch=0, world=2, rank=rank, window=64)
-        expected = [keys[(int(p.gid[q]), int(p.idx[q]))] for q in range(steps * 16)]
-        assert both[rank] == expected
+    p = plan.rank_plan(train_index(cfg), seed=cfg.data.seed, epoch=epoch, world=world, rank=rank,
+                       window=cfg.data.shuffle_window, shuffle=cfg.data.shuffle_files)
+    return [keys[(int(p.gid[q]), int(p.idx[q]))] for q in range(len(p))]
 
 
 def _free_port() -> int:

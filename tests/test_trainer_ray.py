@@ -27,13 +27,18 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_a_killed_worker_is_replaced_and_the_run_ends_at_the_exact_step(tmp_path, s3_server, mlflow_server,
-                                                                         ray_cluster):
-    from cliplab.train.launch import run_training
+                                                                         ray_cluster, emoji_corpus):
+    """Also the data side of a crash: the run trains on each sample of the interrupted epoch exactly
+    once, in plan order, and the batches redone after the restart are the same samples."""
+    from cliplab.train.launch import run_training, steps_per_epoch
+    from test_data_ray import plan_keys
 
     steps, every = 24, 5
+    record = tmp_path / "keys"
     cfg = experiment(tmp_path, s3_server, mlflow_server, **{
         "train.max_steps": steps, "train.epochs": 4, "train.checkpoint_every": every,
-        "train.eval_every_epoch": False, "train.max_failures": 2, "tracking.run_name": "fault-run"})
+        "train.eval_every_epoch": False, "train.max_failures": 2, "tracking.run_name": "fault-run",
+        "data.record_keys": str(record)})
     killed: dict = {}
     client = MlflowClient(mlflow_server.uri)
 
@@ -74,6 +79,44 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_at_the_exact_step(tmp_path
     redone = sum(c - 1 for c in seen.values())
     assert redone <= every, f"{redone} steps redone after a kill at step {killed['at_step']}"
     assert client.get_run(result.metrics["mlflow_run_id"]).info.status == "FINISHED"
+
+    # data: per rank, the last copy of each (epoch, batch) is what the run trained on
+    per_epoch, size = steps_per_epoch(cfg), cfg.data.batch_size
+    for rank in (0, 1):
+        batches, replays = _recorded_batches(record / f"rank{rank}.tsv", size)
+        assert sorted(batches) == [(e, b) for e in range(3) for b in range(1, per_epoch + 1)
+                                   if e * per_epoch + b <= steps]
+        for e in range(3):
+            trained = [k for (ep, b), keys in sorted(batches.items()) if ep == e for k in keys]
+            expected = plan_keys(cfg, s3_server, emoji_corpus, epoch=e, world=2, rank=rank)
+            assert trained == expected[:len(trained)]  # every sample once, in plan order: no duplicate, no miss
+            assert len(trained) == min(per_epoch, steps - e * per_epoch) * size
+        # the restarted workers redid the steps after the checkpoint (plus, at most, the one the kill
+        # cut short before it was logged) with the same samples
+        assert redone <= len(replays) <= every + 1
+        assert all(first == batches[key] for key, first in replays)
+
+
+def _recorded_batches(path: Path, size: int) -> tuple[dict, list]:
+    """``{(epoch, batch): keys}`` (the last copy of each batch) and ``[((epoch, batch), keys)]`` of
+    the earlier copies that a restart replaced, from a ``data.record_keys`` file. A line torn by
+    the SIGKILL is dropped, and so is a batch left incomplete by it."""
+    copies: list = []
+    for line in path.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        key = (int(parts[0]), int(parts[1]))
+        if copies and copies[-1][0] == key and len(copies[-1][1]) < size:
+            copies[-1][1].append(parts[2])
+        else:
+            copies.append((key, [parts[2]]))
+    latest, replays = {}, []
+    for key, keys in copies:
+        if key in latest and len(latest[key]) == size:
+            replays.append((key, latest[key]))
+        latest[key] = keys
+    return latest, replays
 
 
 def test_cliplab_train_resume_continues_a_stopped_run(tmp_path, s3_server, mlflow_server, ray_cluster):

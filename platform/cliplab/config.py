@@ -69,7 +69,7 @@ class DataConfig:
     label_key: str | None = "group"  # json field used as the zero-shot class, if present
     cpus_per_task: float = 0.5  # Ray Data read/decode tasks; fractional so they fit beside workers
     caption_embeddings: str | None = None  # X-CLR: folder written by `cliplab data embed-captions`
-    record_keys: str | None = None  # audit: each rank appends "epoch<TAB>key" of every trained sample here
+    record_keys: str | None = None  # audit: each rank appends "epoch<TAB>batch<TAB>key" per trained sample
 
     def train_sources(self) -> tuple[SourceConfig, ...]:
         """The training sources: ``sources``, or ``train`` as one source of weight 1."""

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 ROW_REASONS = ("ok", *REASONS)  # a row's skip code → reason
 _CODE = {r: i for i, r in enumerate(ROW_REASONS)}
 OUT_ROWS = 64  # rows per emitted block
-RECORD_ENV = "CLIPLAB_RECORD_KEYS"  # or data.record_keys: a folder where each rank appends "epoch<TAB>key"
+RECORD_ENV = "CLIPLAB_RECORD_KEYS"  # or data.record_keys: a folder where each rank appends "epoch<TAB>batch<TAB>key"
 
 
 @lru_cache(maxsize=4)
@@ -328,7 +328,7 @@ class RankStream:
                     self.position = len(plan) if padding else next_pos
                     self.batches_done += 1
                     yielded += 1
-                    self._record(epoch, batch["key"])
+                    self._record(epoch, self.batches_done, batch["key"])
                     yield self.to_torch(batch)
             if not padding:
                 self.skipped.update(reb.leftover_bad())
@@ -341,10 +341,13 @@ class RankStream:
             padding, start = True, 0
         self.epoch, self.position, self.batches_done = epoch + 1, 0, 0
 
-    def _record(self, epoch: int, keys) -> None:
+    def _record(self, epoch: int, batch: int, keys) -> None:
+        """Audit log: one ``epoch<TAB>batch<TAB>key`` line per trained sample (``batch`` counts from 1
+        within the epoch). After a restart from a checkpoint the replayed batches appear again, with
+        the same numbers, so the last line of each (epoch, batch) is what the finished run trained on."""
         if self.record:
             with open(self.record, "a") as f:
-                f.writelines(f"{epoch}\t{k}\n" for k in keys)
+                f.write("".join(f"{epoch}\t{batch}\t{k}\n" for k in keys))
 
     def to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
