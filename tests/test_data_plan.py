@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from cliplab.config import ConfigError, DataConfig, ExperimentConfig, S3Config, validate, with_overrides
 from cliplab.data import plan
@@ -128,3 +129,21 @@ def test_rebatcher_gives_exact_batches_and_counts_only_consumed_skips():
     assert batch["pos"].tolist() == [4, 6, 8] and nxt == 9
     assert bad == Counter({"decompression_bomb": 1, "truncated_image": 1})
     assert r.leftover_bad() == Counter() and r.n == 0
+
+
+def test_the_stream_normalises_uint8_images_like_torchvision_in_float64():
+    """Workers ship uint8 HWC; the consumer's ToTensor + Normalize must match the float64 reference."""
+    from cliplab.data.stream import RankStream
+
+    stream = RankStream(None, DataConfig(train="unused"), "cliplab-tiny", rank=0, world=1, steps=1)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+    out = stream.to_torch({"text": np.zeros((3, 4), np.int64), "image": images, "image_2": images[::-1].copy()})
+    mean = np.asarray(stream.mean, np.float64).reshape(1, 3, 1, 1)
+    std = np.asarray(stream.std, np.float64).reshape(1, 3, 1, 1)
+    ref = (images.astype(np.float64).transpose(0, 3, 1, 2) / 255.0 - mean) / std
+    for name, want in (("image", ref), ("image_2", ref[::-1])):
+        got = out[name]
+        assert got.dtype == torch.float32 and got.shape == (3, 3, 8, 6) and got.is_contiguous()
+        np.testing.assert_allclose(got.numpy().astype(np.float64), want, rtol=0, atol=2e-6)
+    assert out["text"].dtype == torch.int64

@@ -361,13 +361,18 @@ class RankStream:
                 t = t.pin_memory()
             return t.to(device, non_blocking=cuda)
 
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std as one affine map: convert + transpose in one copy, then two in-place passes
+        std = torch.tensor(self.std, dtype=torch.float64)
+        scale = (1.0 / (255.0 * std)).float().to(device).view(1, 3, 1, 1)
+        bias = (-torch.tensor(self.mean, dtype=torch.float64) / std).float().to(device).view(1, 3, 1, 1)
         out: dict[str, Any] = {"text": move(batch["text"])}
         for name in ("image", "image_2"):
             if name in batch:
-                img = move(batch[name]).permute(0, 3, 1, 2).float().div_(255)
-                out[name] = ((img - mean) / std).contiguous()
+                nhwc = move(batch[name])
+                n, h, w, c = nhwc.shape
+                img = torch.empty((n, c, h, w), dtype=torch.float32, device=device)
+                img.copy_(nhwc.permute(0, 3, 1, 2))
+                out[name] = img.mul_(scale).add_(bias)
         if "caption_embedding" in batch:
             out["caption_embedding"] = move(batch["caption_embedding"].astype(np.float32))
         return out
