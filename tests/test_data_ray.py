@@ -122,3 +122,29 @@ def test_two_weighted_sources_mix_by_weight_on_s3(weights, tmp_path, s3_server, 
         gid, _ = plan.epoch_sequence(index, seed=0, epoch=epoch)
         share = Counter(index.names[index.shard_source[g]] for g in gid.tolist())
         assert share["big"] / len(gid) == pytest.approx(weights[0] / sum(weights), abs=0.01)
+
+
+@pytest.mark.ray
+def test_a_connected_ray_driver_indexes_shards_as_ray_tasks_with_the_threaded_result(
+        tmp_path, s3_server, ray_cluster, monkeypatch):
+    import ray
+    from ray.util.state import list_tasks
+
+    from cliplab.config import S3Config
+    from cliplab.data.index import index_shards
+    from cliplab.data.sources import resolve_shards
+
+    shards = resolve_shards("s3://cliplab/emoji/train/", S3Config(endpoint_url=s3_server.endpoint))
+    monkeypatch.setenv("CLIPLAB_INDEX_CACHE", str(tmp_path / "on-ray"))
+    assert ray.is_initialized()
+    on_ray = index_shards(shards)
+    tasks = list_tasks(filters=[("name", "=", "scan_shard")], raise_on_missing_output=False)
+    assert len({t.task_id for t in tasks}) >= len(shards.paths) > 1
+
+    monkeypatch.setenv("CLIPLAB_INDEX_CACHE", str(tmp_path / "threads"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the same call as a Ray-less process makes
+    threaded = index_shards(shards)
+    assert [(e.path, e.starts.tolist(), e.ends.tolist(), e.skipped) for e in on_ray] == \
+           [(e.path, e.starts.tolist(), e.ends.tolist(), e.skipped) for e in threaded]
+    assert sum(len(e) for e in on_ray) > 0
+    assert len(list((tmp_path / "on-ray").glob("*.pkl"))) == len(shards.paths)  # the driver cached them

@@ -32,6 +32,7 @@ import io
 import logging
 import os
 import pickle
+import sys
 import tarfile
 from collections import Counter
 from collections.abc import Sequence
@@ -147,35 +148,77 @@ def _cache_file(path: str, info) -> Path:
 
 
 def index_shards(shards: ShardSet, *, workers: int = 16, progress: bool = False) -> list[ShardIndex]:
-    """Index every shard of ``shards`` on a thread pool (I/O bound), reusing cached indexes of
-    unchanged shards (same path, size and mtime; ``CLIPLAB_INDEX_CACHE`` or ~/.cache/cliplab)."""
-    from tqdm import tqdm
+    """Index every shard of ``shards``, reusing cached indexes of unchanged shards (same path,
+    size and mtime; ``CLIPLAB_INDEX_CACHE`` or ~/.cache/cliplab).
 
+    The scans of uncached shards read each tar once, end to end. With a Ray driver connected they
+    run as Ray tasks (``scan_shard``, a quarter CPU each), so a large corpus is indexed by the
+    whole cluster; otherwise on a local thread pool of ``workers`` (the scans are I/O bound)."""
     infos = shards.filesystem.get_file_info(list(shards.paths))
     prefix = "s3://" if shards.is_s3 else ""
-
-    def one(item) -> ShardIndex:
-        path, info = item
+    entries: list[ShardIndex | None] = [None] * len(infos)
+    todo: list[tuple[int, str, Path | None]] = []
+    for i, (path, info) in enumerate(zip(shards.paths, infos, strict=True)):
         cache = _cache_file(f"{prefix}{path}", info) if info.size else None
-        if cache is not None and cache.is_file():
-            try:
-                return pickle.loads(cache.read_bytes())
-            except Exception:  # noqa: BLE001 - a bad cache entry is rebuilt
-                pass
-        entry = scan_shard(path, shards.filesystem, f"{prefix}{path}")
+        entries[i] = _load_cached(cache)
+        if entries[i] is None:
+            todo.append((i, path, cache))
+    desc = f"indexing {shards.url}"
+    scan = _scan_on_ray if todo and _ray_connected() else _scan_in_threads
+    scanned = scan([(path, f"{prefix}{path}") for _, path, _ in todo], shards.filesystem,
+                   workers=workers, progress=progress, desc=desc)
+    for (i, _, cache), entry in zip(todo, scanned, strict=True):
+        entries[i] = entry
         if cache is not None and "unreadable_shard" not in entry.skipped:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(pickle.dumps(entry))
-                tmp.replace(cache)
-            except OSError:
-                pass
-        return entry
+            _store_cached(cache, entry)
+    return entries  # type: ignore[return-value]
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(infos)))) as pool:
-        return list(tqdm(pool.map(one, zip(shards.paths, infos, strict=True)), total=len(infos),
-                         desc=f"indexing {shards.url}", unit="shard", disable=not progress))
+
+def _load_cached(cache: Path | None) -> ShardIndex | None:
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        return pickle.loads(cache.read_bytes())
+    except Exception:  # noqa: BLE001 - a bad cache entry is rebuilt
+        return None
+
+
+def _store_cached(cache: Path, entry: ShardIndex) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps(entry))
+        tmp.replace(cache)
+    except OSError:
+        pass
+
+
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _scan_in_threads(items, filesystem, *, workers: int, progress: bool, desc: str) -> list[ShardIndex]:
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+        return list(tqdm(pool.map(lambda it: scan_shard(it[0], filesystem, it[1]), items), total=len(items),
+                         desc=desc, unit="shard", disable=not progress or not items))
+
+
+def _scan_on_ray(items, filesystem, *, workers: int, progress: bool, desc: str) -> list[ShardIndex]:
+    import ray
+    from tqdm import tqdm
+
+    task = ray.remote(num_cpus=0.25, max_retries=2)(scan_shard).options(name="scan_shard")
+    fs_ref = ray.put(filesystem)
+    refs = [task.remote(path, fs_ref, url) for path, url in items]
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, unit="shard", disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=min(len(pending), 64), timeout=1.0)
+            bar.update(len(done))
+    return ray.get(refs)
 
 
 @dataclass(frozen=True)
