@@ -33,7 +33,7 @@ from cliplab.distributed import DistContext
 from cliplab.models import CONFIG_DIR, DualEncoder, build_model
 from cliplab.objectives import build_objective
 from cliplab.train.metering import count_flops, peak_tflops
-from cliplab.train.step import build_optimizer, cosine_with_warmup, train_step
+from cliplab.train.step import build_optimizer, configure_device, cosine_with_warmup, train_step
 
 OPEN_CLIP_PRECISION = {"bf16": "amp_bf16", "fp32": "fp32"}
 
@@ -59,6 +59,7 @@ def open_clip_train(args) -> float:
 def cliplab_step(args, compile_model: bool) -> float:
     """Median samples/s of cliplab's train_step on synthetic tensors."""
     torch.manual_seed(0)
+    configure_device(torch.device(args.device), tf32=True)  # as open_clip_train does on CUDA
     bundle = build_model(ModelConfig(name=args.model))
     module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name="clip"), bundle.embed_dim)).to(args.device)
     if compile_model:

@@ -131,6 +131,22 @@ def test_gradient_clipping_bounds_the_update_norm():
     assert any(not torch.equal(before[n], p) for n, p in module.named_parameters())
 
 
+def test_without_clipping_the_step_reports_the_gradient_norm_and_leaves_gradients_alone():
+    module, opt, sched = _step_setup()
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in _batch("clip").items()}
+    metrics = train_step(module, batch, opt, sched, DistContext())
+    grads = [p.grad.double() for p in module.parameters() if p.grad is not None]
+    assert len(grads) > 10
+    expected = float(torch.sqrt(sum((g**2).sum() for g in grads)))  # the float64 norm of the unclipped gradients
+    assert metrics["train/grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_optimizer_uses_the_fused_kernel_only_when_asked_or_on_cuda():
+    module, _, _ = _step_setup()
+    assert not build_optimizer(module, OptimConfig()).defaults["fused"]  # CPU parameters: auto is off
+    assert build_optimizer(module, OptimConfig(fused=True)).defaults["fused"]
+
+
 def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
     module, opt, sched = _step_setup()
     batch = {k: v.float() if v.is_floating_point() else v for k, v in _batch("clip").items()}

@@ -133,6 +133,7 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 20
     grad_clip_norm: float | None = None  # clip the global gradient norm (None: measure it, no clipping)
+    fused: bool | None = None  # fused AdamW kernel (None: on CUDA, where it exists)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoders
+    tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA (open_clip_train's default too)
     max_failures: int = 2  # Ray Train restarts from the latest checkpoint after a worker dies
     max_nonfinite_steps: int = 5  # non-finite losses in a row that stop the run (each is skipped)
     peak_tflops: float | None = None  # per-GPU peak for MFU (default: known GPUs' bf16 dense peak)

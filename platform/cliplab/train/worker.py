@@ -19,7 +19,8 @@ from cliplab.tracking import build_tracker
 from cliplab.tracking.artifacts import plot_curves, provenance, write_config, write_eval_report
 from cliplab.train import checkpoint as ckpt
 from cliplab.train.metering import Throughput, count_flops
-from cliplab.train.step import NonFiniteGuard, build_optimizer, cosine_with_warmup, train_step, unwrap
+from cliplab.train.step import (NonFiniteGuard, build_optimizer, configure_device, cosine_with_warmup,
+                                train_step, unwrap)
 
 
 def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
@@ -64,6 +65,8 @@ def train_loop_per_worker(config: dict) -> None:
         freeze_text_tower(module.model)
     if cfg.train.grad_checkpointing:
         module.model.set_grad_checkpointing(True)
+    configure_device(device, tf32=cfg.train.tf32)
+    module.to(device)  # before the optimizer, which picks its fused kernel by the parameters' device
     optimizer = build_optimizer(module, cfg.optim)
     total_steps = cfg.train.max_steps or cfg.train.epochs * config["steps_per_epoch"]
     scheduler = cosine_with_warmup(optimizer, cfg.optim.warmup_steps, total_steps)
