@@ -19,8 +19,7 @@ from cliplab.tracking import build_tracker
 from cliplab.tracking.artifacts import plot_curves, provenance, write_config, write_eval_report
 from cliplab.train import checkpoint as ckpt
 from cliplab.train.metering import Throughput, count_flops
-from cliplab.train.step import (NonFiniteGuard, build_optimizer, configure_device, cosine_with_warmup,
-                                train_step, unwrap)
+from cliplab.train.step import NonFiniteGuard, build_optimizer, configure_device, cosine_with_warmup, train_step, unwrap
 
 
 def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
