@@ -159,6 +159,21 @@ def test_loss_and_gradients_match_the_float64_reference(case):
         expected = _numeric_grad(lambda **a: ref(**a, **scalars), arrays, key)
         got = t[key].grad.numpy() if t[key].grad is not None else np.zeros_like(expected)
         np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"{case}: d loss / d {key}")
+    # learnable scalars (stored as logs): d loss / d log θ = θ · d ref / d θ, central differences
+    stores = {"s": ["log_scale"], "beta": ["log_beta"], "c": ["log_curvature"],
+              "alpha": ["log_alpha_image", "log_alpha_text"]}  # the reference shares one α
+    for key, names in stores.items():
+        params = [getattr(obj, n) for n in names if hasattr(obj, n) and getattr(obj, n).requires_grad]
+        if key not in scalars or not params:
+            continue
+        h = 1e-6 * scalars[key]
+        hi, lo = ({**scalars, key: scalars[key] + d} for d in (h, -h))
+        expected = scalars[key] * (ref(**arrays, **hi) - ref(**arrays, **lo)) / (2 * h)
+        got = sum(p.grad.item() for p in params)
+        assert got == pytest.approx(expected, abs=1e-6, rel=1e-6), f"{case}: d loss / d {names}"
+    if hasattr(obj, "bias"):
+        hi, lo = ({**scalars, "b": scalars["b"] + d} for d in (1e-6, -1e-6))
+        assert obj.bias.grad.item() == pytest.approx((ref(**arrays, **hi) - ref(**arrays, **lo)) / 2e-6, abs=1e-6)
 
 
 def test_compositions_build_and_give_finite_losses():
@@ -187,6 +202,40 @@ def test_bf16_autocast_keeps_loss_and_gradients_finite(case):
     for name, p in [*feats.items(), *obj.named_parameters()]:
         if p.grad is not None:
             assert torch.isfinite(p.grad).all(), name
+
+
+def test_lean_lorentz_logits_equal_the_plain_formula_with_exact_gradients():
+    from cliplab.objectives import lorentz as L
+
+    torch.manual_seed(0)
+    x = (torch.randn(5, D, dtype=torch.float64) * 0.7).requires_grad_()
+    y = torch.randn(7, D, dtype=torch.float64) * 0.7
+    y[0] = x.detach()[0]  # an identical pair: the clamp is active there
+    y.requires_grad_()
+    c = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
+    plain = -s * L.distance(x, y, c)
+    lean = L.scaled_neg_distance(x, y, c, s)
+    torch.testing.assert_close(lean, plain, rtol=0, atol=1e-12)
+    g = torch.randn_like(plain)
+    for a, b in zip(torch.autograd.grad((plain * g).sum(), (x, y, c, s)),
+                    torch.autograd.grad((lean * g).sum(), (x, y, c, s)), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(L.scaled_neg_distance, (x, y, c, s))
+    np.testing.assert_allclose(L.paired_distance(x, y[:5], c).detach(), torch.diagonal(L.distance(x, y, c)).detach())
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "meru"])
+def test_under_bf16_autocast_a_positive_logit_equals_its_matrix_entry(name):
+    obj = build_objective(ObjectiveConfig(name=name), embed_dim=64)
+    torch.manual_seed(0)
+    a = obj.embed(torch.randn(16, 64), "image")
+    cols = obj.embed(torch.randn(48, 64), "text")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        matrix = obj._logits(a, cols)
+        positive = obj._positive_logits(a, cols[16:32])
+    assert matrix.dtype == positive.dtype == torch.float32
+    torch.testing.assert_close(positive, matrix.diagonal(16), rtol=0, atol=1e-5)
 
 
 def test_zero_distance_has_a_finite_gradient():

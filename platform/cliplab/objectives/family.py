@@ -66,12 +66,15 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _lse(logits: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Row logsumexp in float32, optionally leaving out one column per row (finite mask)."""
-    logits = _fp32(logits)
-    if exclude is not None:
-        logits = logits.masked_fill(exclude, MASK)
-    return torch.logsumexp(logits, dim=1)
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a_i · b_i`` (B) in fp32, rounded the way an autocast matmul of fp32 inputs rounds
+    (bf16 operands, fp32 sums, a bf16 result), so that a positive logit computed row by row
+    equals its entry in the logits matrix."""
+    device = a.device.type
+    if a.dtype == b.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        return (a.to(low).float() * b.to(low).float()).sum(-1).to(low).float()
+    return (a * b).sum(-1)
 
 
 class ContrastiveObjective(Objective):
@@ -137,11 +140,28 @@ class ContrastiveObjective(Objective):
         (normalised on the sphere; averaged in the origin's tangent space, then lifted, on the
         hyperboloid)."""
         beta = self.log_beta.exp()
-        weights = torch.softmax(beta * _fp32(self.similarity(queries, memory)), dim=1)
-        if self.r.geometry == "euclidean":
+        if self.r.geometry == "euclidean":  # β scales the B queries, not the B × N scores
+            weights = torch.softmax(_fp32((beta * queries) @ memory.T), dim=1)
             return F.normalize(weights @ memory, dim=-1)
         c = self.curvature
-        return L.exp_map0(weights @ L.log_map0(memory, c), c)
+        weights = torch.softmax(L.scaled_neg_distance(queries, memory, c, beta), dim=1)
+        return L.exp_map0(L.tangent_mean(weights, memory, c), c)
+
+    def _logits(self, anchors: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """``s · sim(anchors, columns)`` (B × N) in fp32, without keeping a second B × N matrix
+        for the gradient of ``s``: on the sphere ``s`` scales the B anchors; on the hyperboloid
+        :func:`lorentz.scaled_neg_distance` keeps only the points."""
+        scale = self.log_scale.exp()
+        if self.r.geometry == "euclidean":
+            return _fp32((scale * anchors) @ columns.T)
+        return L.scaled_neg_distance(anchors, columns, self.curvature, scale)
+
+    def _positive_logits(self, anchors: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+        """``s · sim(anchor_i, partner_i)`` row by row (B): the diagonal, without a B × N mask."""
+        scale = self.log_scale.exp()
+        if self.r.geometry == "euclidean":
+            return _rowwise_dot(scale * _fp32(anchors), _fp32(partners))
+        return -scale * L.paired_distance(anchors, partners, self.curvature)
 
     # loss --------------------------------------------------------------------------------
     def loss(self, image_features, text_features, ctx: DistContext, extras=None) -> LossOutput:
@@ -189,18 +209,20 @@ class ContrastiveObjective(Objective):
         return LossOutput(loss, terms)
 
     def _pair(self, anchors, columns, ctx: DistContext, targets) -> torch.Tensor:
-        """One direction: local anchor rows against global columns, by the denominator."""
+        """One direction: local anchor rows against global columns, by the denominator. Row
+        ``i``'s positive is column ``i + B · rank``."""
         b = anchors.shape[0]
-        logits = self.log_scale.exp() * _fp32(self.similarity(anchors, columns))
-        positive = torch.zeros_like(logits, dtype=torch.bool)
-        positive[torch.arange(b), torch.arange(b) + b * ctx.rank] = True
+        offset = b * ctx.rank
+        logits = self._logits(anchors, columns)
+        positive = self._positive_logits(anchors, columns[offset:offset + b])
         if self.r.denominator == "sigmoid":
-            labels = positive.to(logits.dtype) * 2 - 1
-            return -F.logsigmoid(labels * (logits + self.bias)).sum(dim=1).mean()
-        weights = targets if targets is not None else positive.to(logits.dtype)
-        target_term = (weights * logits).sum(dim=1)
-        exclude = positive if self.r.denominator == "infoloob" else None
-        return (_lse(logits, exclude) - target_term).mean()
+            # −log σ(z) for the positive, −log σ(−z) = softplus(z) for the rest: Σ_j softplus(z_ij) − z_ii
+            return (F.softplus(logits + self.bias).sum(dim=1) - (positive + self.bias)).mean()
+        target_term = positive if targets is None else (targets * logits).sum(dim=1)
+        if self.r.denominator == "infoloob":  # leave the positive out of the denominator (finite mask)
+            logits = logits.clone()
+            logits.diagonal(offset).fill_(MASK)
+        return (torch.logsumexp(logits, dim=1) - target_term).mean()
 
     def entailment(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """MERU's cone loss on local pairs: text ``y_i`` entails image ``x_i``."""

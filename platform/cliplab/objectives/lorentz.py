@@ -8,6 +8,7 @@ dtype-aware epsilons. ``c`` is a positive scalar tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -16,6 +17,17 @@ import torch
 def eps_for(dtype: torch.dtype) -> float:
     """The smallest epsilon that still moves ``1 + eps`` in ``dtype`` (≥ 1e-6 in fp32)."""
     return max(1e-6, 4 * torch.finfo(dtype).eps) if dtype != torch.float64 else 1e-12
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def tangent_mean(weights: torch.Tensor, memory: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The weighted mean ``Σ_j w_ij log_map0(m_j)`` in the origin's tangent space (B × D), in
+    fp32 whatever the autocast state; :func:`exp_map0` lifts it back."""
+    with torch.autocast(memory.device.type, enabled=False):
+        return _at_least_fp32(weights) @ log_map0(_at_least_fp32(memory), c)
 
 
 def time_component(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -36,6 +48,81 @@ def distance(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     eps = eps_for(x.dtype)
     arg = torch.clamp(-c * inner(x, y, c), min=1 + eps)
     return torch.acosh(arg) / torch.sqrt(c)
+
+
+def paired_distance(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Row-wise geodesic distances ``d(x_i, y_i)`` (shape B), clamped as in :func:`distance`."""
+    x, y = _at_least_fp32(x), _at_least_fp32(y)
+    eps = eps_for(x.dtype)
+    inner_xy = (x * y).sum(-1) - time_component(x, c) * time_component(y, c)
+    return torch.acosh(torch.clamp(-c * inner_xy, min=1 + eps)) / torch.sqrt(c)
+
+
+@contextlib.contextmanager
+def _exact_fp32(device_type: str):
+    """IEEE fp32 matmuls inside: no autocast and no TF32 (``t t' − x·y`` cancels badly in
+    reduced precision, and acosh near 1 magnifies the error)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _neg_inner(x, y, tx, ty):
+    """``t(x_i) t(y_j) − x_i·y_j = −⟨x_i, y_j⟩_L`` (B × N), one matmul."""
+    return torch.addmm(torch.outer(tx, ty), x, y.T, alpha=-1)
+
+
+class _ScaledNegDistance(torch.autograd.Function):
+    """``−s · distance(x, y)`` (B × N) with a hand-written backward that keeps no B × N tensor
+    between forward and backward: the Lorentz inner products are recomputed (one matmul), and
+    the elementwise steps run in place, so backward holds about three B × N buffers."""
+
+    @staticmethod
+    def forward(ctx, x, y, c, s):
+        with _exact_fp32(x.device.type):
+            tx, ty = time_component(x, c), time_component(y, c)
+            logits = _neg_inner(x, y, tx, ty).mul_(c).clamp_(min=1 + eps_for(x.dtype)).acosh_()
+            logits.mul_(-s / torch.sqrt(c))
+        ctx.save_for_backward(x, y, c, s, tx, ty)
+        return logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, y, c, s, tx, ty = ctx.saved_tensors
+        with _exact_fp32(x.device.type):
+            grad = grad.to(x.dtype)
+            sqrt_c = torch.sqrt(c)
+            u = _neg_inner(x, y, tx, ty).mul_(c)  # −c⟨x, y⟩_L
+            live = u >= 1 + eps_for(x.dtype)  # where the clamp passes gradient
+            u.clamp_(min=1 + eps_for(x.dtype))
+            w = torch.acosh(u).div_(sqrt_c)  # the distances d
+            grad_d = w.mul_(grad).sum()  # Σ G·d
+            grad_s = -grad_d
+            grad_c = grad_d * s / (2 * c)  # through the 1/√c factor of d
+            # ∂logit/∂u = −s / (√c · sqrt(u² − 1)) where the clamp is live
+            torch.mul(u, u, out=w).sub_(1).sqrt_().mul_(sqrt_c).reciprocal_().mul_(grad).mul_(-s).mul_(live)
+            del live
+            grad_c = grad_c + u.mul_(w).sum() / c  # ∂u/∂c = u/c at fixed points
+            del u
+            g = w.mul_(c)  # ∂L/∂(t t' − x·y)
+            g_tx, g_ty = g @ ty, g.T @ tx
+            grad_x = torch.addmm(g_tx[:, None] * x / tx[:, None], g, y, alpha=-1)
+            grad_y = torch.addmm(g_ty[:, None] * y / ty[:, None], g.T, x, alpha=-1)
+            # through t = sqrt(1/c + ‖·‖²): ∂t/∂c = −1 / (2c² t)
+            grad_c = grad_c - ((g_tx / tx).sum() + (g_ty / ty).sum()) / (2 * c**2)
+        return grad_x, grad_y, grad_c.reshape(c.shape), grad_s.reshape(s.shape)
+
+
+def scaled_neg_distance(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Logits ``−s · distance(x_i, y_j)`` (B × N), memory-lean: equal to ``-s * distance(x, y, c)``
+    with the same clamp, but autograd keeps only ``x``, ``y`` and the scalars (a B × N matrix
+    would otherwise be kept for each of the five elementwise steps). Computes in at least fp32."""
+    return _ScaledNegDistance.apply(_at_least_fp32(x), _at_least_fp32(y), c, s)
 
 
 def exp_map0(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
