@@ -76,10 +76,14 @@ def main() -> None:
     parser.add_argument("--slice", type=int, nargs=2, default=[2048, 32768], metavar=("LOCAL", "GLOBAL"))
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--no-tf32", dest="tf32", action="store_false",
+                        help="IEEE fp32 matmuls (default: TF32 on CUDA, as training's train.tf32 and the anchors)")
     args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     shapes = [(n, n) for n in args.sizes] + [tuple(args.slice)]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"device: {name}, torch {torch.__version__}, fp32 features, D = {args.dim}, "
+    tf32 = "TF32 matmuls" if args.tf32 and args.device.startswith("cuda") else "IEEE fp32 matmuls"
+    print(f"device: {name}, torch {torch.__version__}, fp32 features ({tf32}), D = {args.dim}, "
           f"median of {args.iters} forward+backward passes\n")
     print("| rows × columns | objective | time (ms) | × CLIP | peak memory (GiB) | × CLIP |")
     print("|---|---|---|---|---|---|")

@@ -238,6 +238,21 @@ def test_under_bf16_autocast_a_positive_logit_equals_its_matrix_entry(name):
     torch.testing.assert_close(positive, matrix.diagonal(16), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("geometry", ["euclidean", "lorentz"])
+def test_chunked_recomputed_hopfield_retrieval_equals_the_plain_one(geometry):
+    arrays = _inputs(3)
+    results = []
+    for chunk in (None, 2, 4):  # 3 chunks; 2 uneven chunks
+        obj = build_objective(ObjectiveConfig(name="cloob", geometry=geometry, learn_beta=True,
+                                              learn_temperature=True, hopfield_chunk=chunk), embed_dim=D).double()
+        out, t = _torch_loss(obj, arrays)
+        out.loss.backward()
+        results.append([out.loss.detach(), t["x"].grad, t["y"].grad, *(p.grad for p in obj.parameters())])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
 def test_zero_distance_has_a_finite_gradient():
     obj = build_objective(ObjectiveConfig(name="meru"), embed_dim=D).double()
     x = torch.randn(4, D, dtype=torch.float64, requires_grad=True)
@@ -285,6 +300,7 @@ def test_parameter_stores_inits_and_clamps():
     ({"objective.geometry": "spherical"}, "objective.geometry 'spherical'"),
     ({"objective.name": "meru", "objective.curvature_init": 20.0}, "curvature_init must lie"),
     ({"objective.name": "xclr"}, "soft targets"),
+    ({"objective.name": "cloob", "objective.hopfield_chunk": 0}, "hopfield_chunk must be >= 1"),
 ])
 def test_objective_config_is_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):

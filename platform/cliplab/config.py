@@ -110,6 +110,7 @@ class ObjectiveConfig:
     max_logit_scale: float = 100.0  # clamp s to [1, max_logit_scale]
     hopfield_beta: float = 8.0  # β, stored as log β
     learn_beta: bool = False
+    hopfield_chunk: int | None = 4096  # queries per recomputed retrieval chunk; None keeps B × N weights
     aperture_k: float = 0.1  # K of the entailment cone's half-aperture
     curvature_init: float = 1.0  # c, stored as log c, clamped to [curvature_min, curvature_max]
     curvature_min: float = 0.1
@@ -398,6 +399,8 @@ def _objective_checks(obj: ObjectiveConfig) -> list[tuple[bool, str]]:
         (r.entailment_weight == 0 or r.geometry == "lorentz",
          "objective.entailment_weight > 0 needs objective.geometry=lorentz (cones live in hyperbolic space)"),
         (obj.hopfield_beta > 0, "objective.hopfield_beta must be > 0"),
+        (obj.hopfield_chunk is None or obj.hopfield_chunk >= 1,
+         "objective.hopfield_chunk must be >= 1 (queries per chunk) or null (no recomputation)"),
         (0 < obj.curvature_min <= obj.curvature_init <= obj.curvature_max,
          "objective.curvature_init must lie in [curvature_min, curvature_max], all > 0"),
         (obj.alpha_init is None or 0 < obj.alpha_init <= 1, "objective.alpha_init must be in (0, 1]"),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cliplab.distributed import DistContext
 from cliplab.objectives import lorentz as L
@@ -138,8 +139,19 @@ class ContrastiveObjective(Objective):
     def hopfield(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """One modern-Hopfield update: ``softmax(β · sim(q, M)) M``, back into the geometry
         (normalised on the sphere; averaged in the origin's tangent space, then lifted, on the
-        hyperboloid)."""
+        hyperboloid).
+
+        With ``hopfield_chunk`` set and gradients on, the queries run in chunks whose B × N
+        weights are recomputed in backward instead of kept (activation checkpointing): the
+        retrieval then holds no B × N matrix between forward and backward."""
         beta = self.log_beta.exp()
+        chunk = self.cfg.hopfield_chunk
+        if chunk is None or not torch.is_grad_enabled():
+            return self._retrieve(queries, memory, beta)
+        return torch.cat([checkpoint(self._retrieve, q, memory, beta, use_reentrant=False)
+                          for q in queries.split(chunk)])
+
+    def _retrieve(self, queries: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         if self.r.geometry == "euclidean":  # β scales the B queries, not the B × N scores
             weights = torch.softmax(_fp32((beta * queries) @ memory.T), dim=1)
             return F.normalize(weights @ memory, dim=-1)
