@@ -20,13 +20,14 @@ from cliplab.config import ModelConfig, ObjectiveConfig, OptimConfig
 from cliplab.distributed import DistContext
 from cliplab.models import DualEncoder, build_model, freeze_text_tower
 from cliplab.objectives import build_objective
-from cliplab.train.step import build_optimizer, cosine_with_warmup, train_step
+from cliplab.train.step import build_optimizer, configure_device, cosine_with_warmup, train_step
 
 PRESETS = ("clip", "siglip", "cloob", "meru", "xclr")
 
 
 def measure(preset: str, args) -> float:
     torch.manual_seed(0)
+    configure_device(torch.device(args.device), tf32=True)  # what the trainer does (train.tf32)
     bundle = build_model(ModelConfig(name=args.model))
     module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name=preset), bundle.embed_dim))
     if not module.objective.needs_text:
