@@ -38,9 +38,11 @@ class SliceContext(DistContext):
         return torch.cat([t, self._others[t.shape[-1]]])
 
 
-def measure(preset: str, local: int, global_: int, dim: int, device: str, iters: int) -> tuple[float, float]:
+def measure(preset: str, local: int, global_: int, dim: int, device: str, iters: int,
+            hopfield_chunk: int | None = ObjectiveConfig.hopfield_chunk) -> tuple[float, float]:
     torch.manual_seed(0)
-    obj = build_objective(ObjectiveConfig(name=preset, learn_temperature=True), embed_dim=dim).to(device)
+    obj = build_objective(ObjectiveConfig(name=preset, learn_temperature=True, hopfield_chunk=hopfield_chunk),
+                          embed_dim=dim).to(device)
     feats = [torch.randn(local, dim, device=device, requires_grad=True) for _ in range(3)]
     extras = {"image_features_2": feats[2], "caption_embeddings": torch.randn(local, 384, device=device)}
     if global_ > local:
@@ -76,6 +78,9 @@ def main() -> None:
     parser.add_argument("--slice", type=int, nargs=2, default=[2048, 32768], metavar=("LOCAL", "GLOBAL"))
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--hopfield-chunk", type=int, default=ObjectiveConfig.hopfield_chunk,
+                        help="objective.hopfield_chunk for CLOOB (0: keep the B × N weights, no recomputation)")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="clip is always the first row")
     parser.add_argument("--no-tf32", dest="tf32", action="store_false",
                         help="IEEE fp32 matmuls (default: TF32 on CUDA, as training's train.tf32 and the anchors)")
     args = parser.parse_args()
@@ -89,9 +94,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for local, global_ in shapes:
         base = None
-        for preset in PRESETS:
+        for preset in ["clip", *(p for p in args.presets if p != "clip")]:
             try:
-                ms, mem = measure(preset, local, global_, args.dim, args.device, args.iters)
+                ms, mem = measure(preset, local, global_, args.dim, args.device, args.iters, args.hopfield_chunk or None)
             except torch.OutOfMemoryError:
                 print(f"| {local} × {global_} | {preset} | OOM | | | |")
                 torch.cuda.empty_cache()

@@ -225,6 +225,46 @@ def test_lean_lorentz_logits_equal_the_plain_formula_with_exact_gradients():
     np.testing.assert_allclose(L.paired_distance(x, y[:5], c).detach(), torch.diagonal(L.distance(x, y, c)).detach())
 
 
+def test_the_fused_and_in_place_lorentz_elementwise_steps_agree():
+    """CUDA runs the functional steps fused by torch.compile, CPU the in-place ones."""
+    from cliplab.objectives import lorentz as L
+
+    torch.manual_seed(1)
+    p = 1 / 1.3 + torch.rand(6, 9, dtype=torch.float64) * 2
+    p[0, :3] = 0.5  # below the clamp: no gradient there
+    grad = torch.randn(6, 9, dtype=torch.float64)
+    c, s = torch.tensor(1.3, dtype=torch.float64), torch.tensor(12.0, dtype=torch.float64)
+    torch.testing.assert_close(L._forward_pointwise_inplace(p.clone(), c, s, 1e-12),
+                               L._forward_pointwise(p, c, s, 1e-12), rtol=0, atol=1e-12)
+    functional = L._backward_pointwise(p, grad, c, s, 1e-12)
+    for a, b in zip(functional, L._backward_pointwise_inplace(p.clone(), grad, c, s, 1e-12), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    assert (functional[0][0, :3] == 0).all() and (functional[0][1:] != 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_fused_lorentz_logits_match_the_float64_formula():
+    from cliplab.objectives import lorentz as L
+
+    torch.manual_seed(0)
+    x64 = L.exp_map0(torch.randn(300, 64, dtype=torch.float64) / 8, torch.tensor(1.0, dtype=torch.float64))
+    y64 = torch.cat([x64[:50], L.exp_map0(torch.randn(400, 64, dtype=torch.float64) / 8,
+                                          torch.tensor(1.0, dtype=torch.float64))])  # 50 identical pairs
+    g64 = torch.randn(300, 450, dtype=torch.float64)
+    results = {}
+    for name, dtype, device in (("reference", torch.float64, "cpu"), ("fused", torch.float32, "cuda")):
+        x, y = (t.to(device, dtype).requires_grad_() for t in (x64, y64))
+        c = torch.tensor(1.3, dtype=dtype, device=device, requires_grad=True)
+        s = torch.tensor(12.0, dtype=dtype, device=device, requires_grad=True)
+        logits = (-s * L.distance(x, y, c)) if name == "reference" else L.scaled_neg_distance(x, y, c, s)
+        (logits * g64.to(device, dtype)).sum().backward()
+        results[name] = [t.detach().double().cpu() for t in (logits, x.grad, y.grad, c.grad, s.grad)]
+    assert not L._COMPILE_FAILED
+    for what, a, b in zip(("logits", "x", "y", "c", "s"), results["reference"], results["fused"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3, msg=what)
+
+
 @pytest.mark.parametrize("name", ["clip", "siglip", "meru"])
 def test_under_bf16_autocast_a_positive_logit_equals_its_matrix_entry(name):
     obj = build_objective(ObjectiveConfig(name=name), embed_dim=64)

@@ -8,7 +8,9 @@ dtype-aware epsilons. ``c`` is a positive scalar tensor.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 
@@ -71,17 +73,73 @@ def _neg_inner(x, y, tx, ty):
     return torch.addmm(torch.outer(tx, ty), x, y.T, alpha=-1)
 
 
+def _forward_pointwise(p, c, s, eps: float):
+    """Logits from ``p = t t' − x·y``: ``−s · acosh(max(c·p, 1 + eps)) / √c``."""
+    return torch.acosh(torch.clamp(c * p, min=1 + eps)) * (-s / torch.sqrt(c))
+
+
+def _backward_pointwise(p, grad, c, s, eps: float):
+    """From ``p`` and the logits' gradient ``G``: ``(∂L/∂p, Σ G·d, Σ (∂L/∂u)·u)`` with
+    ``u = c·p``, where ``∂logit/∂u = −s / (√c · sqrt(u² − 1))`` and the clamp passes gradient."""
+    u = c * p
+    uc = torch.clamp(u, min=1 + eps)
+    sqrt_c = torch.sqrt(c)
+    g_u = torch.where(u >= 1 + eps, grad * (-s) / (sqrt_c * torch.sqrt(uc * uc - 1)), 0.0)
+    return g_u * c, (grad * torch.acosh(uc)).sum() / sqrt_c, (g_u * uc).sum()
+
+
+def _forward_pointwise_inplace(p, c, s, eps: float):
+    """:func:`_forward_pointwise` overwriting ``p``."""
+    return p.mul_(c).clamp_(min=1 + eps).acosh_().mul_(-s / torch.sqrt(c))
+
+
+def _backward_pointwise_inplace(p, grad, c, s, eps: float):
+    """:func:`_backward_pointwise` overwriting ``p``, with one more B × N buffer."""
+    sqrt_c = torch.sqrt(c)
+    u = p.mul_(c)
+    live = u >= 1 + eps
+    u.clamp_(min=1 + eps)
+    w = torch.acosh(u)
+    sum_gd = w.mul_(grad).sum() / sqrt_c
+    torch.mul(u, u, out=w).sub_(1).sqrt_().mul_(sqrt_c).reciprocal_().mul_(grad).mul_(-s).mul_(live)
+    del live
+    sum_gu_u = u.mul_(w).sum()
+    return w.mul_(c), sum_gd, sum_gu_u
+
+
+@functools.cache
+def _fused(fn):
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _pointwise(fn, inplace, *args):
+    """On CUDA, ``fn`` fused by torch.compile into one pass over the B × N matrix; elsewhere
+    (or if compiling fails) the eager in-place variant."""
+    global _COMPILE_FAILED
+    if args[0].is_cuda and not _COMPILE_FAILED:
+        try:
+            return _fused(fn)(*args)
+        except Exception as e:  # noqa: BLE001 - e.g. no Triton on this node: stay correct, warn once
+            _COMPILE_FAILED = True
+            warnings.warn(f"Lorentz logits: torch.compile failed ({type(e).__name__}: {e}); running eagerly",
+                          stacklevel=2)
+    return inplace(*args)
+
+
+_COMPILE_FAILED = False
+
+
 class _ScaledNegDistance(torch.autograd.Function):
     """``−s · distance(x, y)`` (B × N) with a hand-written backward that keeps no B × N tensor
-    between forward and backward: the Lorentz inner products are recomputed (one matmul), and
-    the elementwise steps run in place, so backward holds about three B × N buffers."""
+    between forward and backward: the Lorentz inner products are recomputed (one matmul). The
+    elementwise steps are one fused kernel on CUDA, in-place passes elsewhere."""
 
     @staticmethod
     def forward(ctx, x, y, c, s):
         with _no_autocast(x.device.type):
             tx, ty = time_component(x, c), time_component(y, c)
-            logits = _neg_inner(x, y, tx, ty).mul_(c).clamp_(min=1 + eps_for(x.dtype)).acosh_()
-            logits.mul_(-s / torch.sqrt(c))
+            logits = _pointwise(_forward_pointwise, _forward_pointwise_inplace, _neg_inner(x, y, tx, ty), c, s,
+                                eps_for(x.dtype))
         ctx.save_for_backward(x, y, c, s, tx, ty)
         return logits
 
@@ -90,26 +148,15 @@ class _ScaledNegDistance(torch.autograd.Function):
     def backward(ctx, grad):
         x, y, c, s, tx, ty = ctx.saved_tensors
         with _no_autocast(x.device.type):
-            grad = grad.to(x.dtype)
-            sqrt_c = torch.sqrt(c)
-            u = _neg_inner(x, y, tx, ty).mul_(c)  # −c⟨x, y⟩_L
-            live = u >= 1 + eps_for(x.dtype)  # where the clamp passes gradient
-            u.clamp_(min=1 + eps_for(x.dtype))
-            w = torch.acosh(u).div_(sqrt_c)  # the distances d
-            grad_d = w.mul_(grad).sum()  # Σ G·d
-            grad_s = -grad_d
-            grad_c = grad_d * s / (2 * c)  # through the 1/√c factor of d
-            # ∂logit/∂u = −s / (√c · sqrt(u² − 1)) where the clamp is live
-            torch.mul(u, u, out=w).sub_(1).sqrt_().mul_(sqrt_c).reciprocal_().mul_(grad).mul_(-s).mul_(live)
-            del live
-            grad_c = grad_c + u.mul_(w).sum() / c  # ∂u/∂c = u/c at fixed points
-            del u
-            g = w.mul_(c)  # ∂L/∂(t t' − x·y)
-            g_tx, g_ty = g @ ty, g.T @ tx
+            g, sum_gd, sum_gu_u = _pointwise(_backward_pointwise, _backward_pointwise_inplace,
+                                             _neg_inner(x, y, tx, ty), grad.to(x.dtype), c, s, eps_for(x.dtype))
+            grad_s = -sum_gd  # logits = −s·d
+            # c enters through the 1/√c factor of d, through u = c·p at fixed points, and through
+            # t = sqrt(1/c + ‖·‖²), with ∂t/∂c = −1 / (2c² t)
+            g_tx, g_ty = g @ ty, g.T @ tx  # g = ∂L/∂(t t' − x·y)
+            grad_c = sum_gd * s / (2 * c) + sum_gu_u / c - ((g_tx / tx).sum() + (g_ty / ty).sum()) / (2 * c**2)
             grad_x = torch.addmm(g_tx[:, None] * x / tx[:, None], g, y, alpha=-1)
             grad_y = torch.addmm(g_ty[:, None] * y / ty[:, None], g.T, x, alpha=-1)
-            # through t = sqrt(1/c + ‖·‖²): ∂t/∂c = −1 / (2c² t)
-            grad_c = grad_c - ((g_tx / tx).sum() + (g_ty / ty).sum()) / (2 * c**2)
         return grad_x, grad_y, grad_c.reshape(c.shape), grad_s.reshape(s.shape)
 
 
