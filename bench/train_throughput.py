@@ -7,7 +7,7 @@
    run in a subprocess; its own per-step `samples/s` log lines are parsed.
 2. cliplab's Ray-free step (`cliplab.train.step.train_step`: DualEncoder + the `clip` objective
    + AdamW with CLIP's parameter groups) on synthetic tensors, optionally under `torch.compile`,
-   timed per step in this process.
+   timed per step in this process, step start to step start (as a training loop runs).
 
 Both drop the first `--warmup` steps and report the median samples/s. open_clip's figure
 includes its synthetic data loader (a worker process); cliplab's is the step alone, because its
@@ -73,15 +73,19 @@ def cliplab_step(args, compile_model: bool) -> float:
     if args.flops is None:  # counted once, eager, on the first (warm-up) step: the same FLOPs compiled
         _, args.flops = count_flops(lambda: train_step(module, batch, opt, sched, DistContext(),
                                                        precision=args.precision))
-    times = []
+    # timed like a training loop, step start to step start: each step's own host sync (its
+    # metrics) bounds it, and nothing else waits for the GPU (open_clip_train's per-step
+    # log line syncs the same way)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    stamps = [time.perf_counter()]
     for _ in range(args.steps):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
         train_step(module, batch, opt, sched, DistContext(), precision=args.precision)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        stamps.append(time.perf_counter())
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()  # the last step's optimizer kernels count too
+        stamps[-1] = time.perf_counter()
+    times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return args.batch / statistics.median(times[args.warmup:])
 
 

@@ -132,3 +132,38 @@ def test_compile_encoders_runs_compiled_code_with_the_same_features_and_keys():
     assert list(module.state_dict()) == keys
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size, bias", [((64, 64), False), ((70, 67), True)])
+def test_the_gemm_patch_embedding_equals_the_strided_convolution_in_float64(size, bias):
+    from cliplab.models import PatchEmbedding, use_gemm_patch_embedding
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=16, stride=16, bias=bias).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    expected = conv(x)
+    grads = torch.autograd.grad((expected * torch.ones_like(expected).cumsum(1)).sum(), (x, conv.weight))
+    assert use_gemm_patch_embedding(conv) == 1 and isinstance(conv, PatchEmbedding)
+    got = conv(x)
+    assert got.shape == expected.shape  # the remainder rows and columns are dropped, as by the conv
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    for a, b in zip(grads, torch.autograd.grad((got * torch.ones_like(got).cumsum(1)).sum(), (x, conv.weight)),
+                    strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    assert not PatchEmbedding.applies_to(torch.nn.Conv2d(3, 8, kernel_size=3, stride=1, padding=1))
+
+
+def test_built_vits_use_the_gemm_patch_embedding_with_open_clips_state_dict_keys():
+    import open_clip
+
+    from cliplab.models import PatchEmbedding
+
+    bundle = build_model(ModelConfig(name="cliplab-tiny"))
+    assert isinstance(bundle.model.visual.conv1, PatchEmbedding)
+    plain = open_clip.create_model("cliplab-tiny")
+    assert list(bundle.model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(bundle.model.state_dict())
+    plain.eval()
+    bundle.model.eval()
+    image = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(bundle.model.encode_image(image), plain.encode_image(image), rtol=1e-5, atol=1e-5)

@@ -159,6 +159,19 @@ def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
     assert sched.get_last_lr()[0] == lr_before and not opt.state  # no AdamW moments were touched
 
 
+def test_a_non_finite_gradient_under_a_finite_loss_also_skips_the_step():
+    module, opt, sched = _step_setup()
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in _batch("clip").items()}
+    weight = next(p for n, p in module.named_parameters() if n.endswith("proj") or "proj" in n)
+    hook = weight.register_hook(lambda g: torch.full_like(g, float("inf")))  # an overflowing gradient
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    metrics = train_step(module, batch, opt, sched, DistContext())
+    hook.remove()
+    assert metrics["train/nonfinite"] == 1.0
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters()) and not opt.state
+    assert train_step(module, batch, opt, sched, DistContext())["train/nonfinite"] == 0.0  # then it trains on
+
+
 def test_the_guard_counts_skips_and_stops_after_k_in_a_row():
     guard = NonFiniteGuard(limit=3)
     bad, good = {"train/nonfinite": 1.0}, {"train/nonfinite": 0.0}

@@ -25,7 +25,7 @@ class Objective(nn.Module):
       → :class:`LossOutput`, exact under data parallelism through ``ctx``.
     - :meth:`embed` / :meth:`similarity`: the map into the objective's geometry and its score,
       used by evaluation so every objective is judged in its own space.
-    - :meth:`metrics`: scalars to log. :meth:`clamp_`: applied after every optimizer step.
+    - :meth:`metric_tensors` / :meth:`metrics`: scalars to log. :meth:`clamp_`: applied after every optimizer step.
     """
 
     #: False when the loss never looks at text features (then the text tower is frozen)
@@ -51,8 +51,12 @@ class Objective(nn.Module):
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def metrics(self) -> dict[str, float]:
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """Scalars to log, as detached 0-dim tensors (read with the step's one host sync)."""
         return {}
+
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.metric_tensors().items()}
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -244,16 +244,16 @@ class ContrastiveObjective(Objective):
         return torch.relu(angle - aperture).mean()
 
     # scalars -----------------------------------------------------------------------------
-    def metrics(self) -> dict[str, float]:
-        out = {"scalars/logit_scale": float(self.log_scale.detach().exp())}
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"scalars/logit_scale": self.log_scale.detach().exp()}
         if hasattr(self, "bias"):
-            out["scalars/sigmoid_bias"] = float(self.bias.detach())
+            out["scalars/sigmoid_bias"] = self.bias.detach()
         if hasattr(self, "log_beta"):
-            out["scalars/hopfield_beta"] = float(self.log_beta.detach().exp())
+            out["scalars/hopfield_beta"] = self.log_beta.detach().exp()
         if hasattr(self, "log_curvature"):
-            out["scalars/curvature"] = float(self.curvature.detach())
-            out["scalars/alpha_image"] = float(self.log_alpha_image.detach().exp())
-            out["scalars/alpha_text"] = float(self.log_alpha_text.detach().exp())
+            out["scalars/curvature"] = self.curvature.detach()
+            out["scalars/alpha_image"] = self.log_alpha_image.detach().exp()
+            out["scalars/alpha_text"] = self.log_alpha_text.detach().exp()
         return out
 
     @torch.no_grad()

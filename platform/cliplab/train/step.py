@@ -122,12 +122,15 @@ def compute_gradients(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Dis
     return out
 
 
-def _all_finite(loss: torch.Tensor, ctx: DistContext) -> bool:
-    """Whether the loss is finite on every rank (so all ranks skip a step together)."""
-    flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], device=loss.device)
+def _host_values(named: dict[str, torch.Tensor], ctx: DistContext) -> tuple[bool, dict[str, float]]:
+    """The step's one device → host copy: every metric, and whether the loss and the gradient
+    norm are finite on every rank (so all ranks skip a step together)."""
+    values = torch.stack([v.detach().float().reshape(()) for v in named.values()])
+    finite = torch.isfinite(values[:2]).all().float().reshape(1)  # train/loss, train/grad_norm
     if ctx.world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item() == 1.0)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    *host, ok = torch.cat([values, finite]).tolist()
+    return ok == 1.0, dict(zip(named, host, strict=True))
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, scheduler,
@@ -135,26 +138,30 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, sche
                precision: str = "fp32") -> dict[str, float]:
     """One optimizer step on a batch of ``image`` and ``text`` tensors (plus ``image_2`` and
     ``caption_embedding`` for X-CLR). Returns metrics; ``train/nonfinite`` is 1.0 when the loss
-    was not finite on some rank, in which case nothing was updated."""
+    or the gradient norm was not finite on some rank, in which case nothing was updated.
+
+    The host waits for the GPU once, before the update, so that the optimizer's kernels overlap
+    the next step's launch; the objective's scalars are reported as this step's loss used them.
+    """
     objective = unwrap(model).objective
     model.train()
     optimizer.zero_grad(set_to_none=True)
     out = compute_gradients(model, batch, ctx, accum_steps=accum_steps, precision=precision)
-    if not _all_finite(out.loss, ctx):
-        optimizer.zero_grad(set_to_none=True)
-        return {"train/nonfinite": 1.0, "train/lr": scheduler.get_last_lr()[0]}
     if grad_clip_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
     else:  # measured only: no pass that multiplies every gradient by 1
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    named = {"train/loss": out.loss, "train/grad_norm": grad_norm,
+             **{f"train/{k}": v for k, v in out.terms.items()}, **objective.metric_tensors()}
+    finite, metrics = _host_values(named, ctx)
+    lr = scheduler.get_last_lr()[0]
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        return {"train/nonfinite": 1.0, "train/lr": lr}
     optimizer.step()
     scheduler.step()
     objective.clamp_()
-    metrics = {"train/loss": float(out.loss.detach()), "train/grad_norm": float(grad_norm),
-               "train/lr": scheduler.get_last_lr()[0], "train/nonfinite": 0.0}
-    metrics.update({f"train/{k}": float(v.detach()) for k, v in out.terms.items()})
-    metrics.update(objective.metrics())
-    return metrics
+    return {**metrics, "train/lr": scheduler.get_last_lr()[0], "train/nonfinite": 0.0}
 
 
 class NonFiniteGuard:
