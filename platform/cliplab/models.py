@@ -127,14 +127,14 @@ class DualEncoder(nn.Module):
         both = self.model.encode_image(torch.cat([images, images_2]), normalize=False)
         return both[: len(images)], text, both[len(images):]
 
-    def compile_encoders(self, backend: str = "inductor") -> None:
+    def compile_encoders(self, backend: str = "inductor", mode: str | None = None) -> None:
         """``torch.compile`` the encoders, in place, so state-dict keys stay open_clip's.
 
         The step reaches the encoders through :meth:`forward` (``encode_image``/``encode_text``),
         not through the open_clip model's own ``forward``, so this compiles :meth:`forward`:
         compiling ``self.model`` alone would never run the compiled code.
         """
-        self.compile(backend=backend)
+        self.compile(backend=backend, mode=mode)
 
     def state_for_export(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "objective": self.objective.state_dict()}
