@@ -230,14 +230,15 @@ def test_the_fused_and_in_place_lorentz_elementwise_steps_agree():
     from cliplab.objectives import lorentz as L
 
     torch.manual_seed(1)
-    p = 1 / 1.3 + torch.rand(6, 9, dtype=torch.float64) * 2
-    p[0, :3] = 0.5  # below the clamp: no gradient there
+    tx, ty = 1 + torch.rand(6, dtype=torch.float64), 1 + torch.rand(9, dtype=torch.float64)
+    xy = torch.outer(tx, ty) - 1 / 1.3 - torch.rand(6, 9, dtype=torch.float64) * 2  # p = t t' − x·y
+    xy[0, :3] = torch.outer(tx, ty)[0, :3] - 0.5  # p = 0.5: below the clamp, no gradient there
     grad = torch.randn(6, 9, dtype=torch.float64)
     c, s = torch.tensor(1.3, dtype=torch.float64), torch.tensor(12.0, dtype=torch.float64)
-    torch.testing.assert_close(L._forward_pointwise_inplace(p.clone(), c, s, 1e-12),
-                               L._forward_pointwise(p, c, s, 1e-12), rtol=0, atol=1e-12)
-    functional = L._backward_pointwise(p, grad, c, s, 1e-12)
-    for a, b in zip(functional, L._backward_pointwise_inplace(p.clone(), grad, c, s, 1e-12), strict=True):
+    torch.testing.assert_close(L._forward_pointwise_inplace(xy.clone(), tx, ty, c, s, 1e-12),
+                               L._forward_pointwise(xy, tx, ty, c, s, 1e-12), rtol=0, atol=1e-12)
+    functional = L._backward_pointwise(xy, tx, ty, grad, c, s, 1e-12)
+    for a, b in zip(functional, L._backward_pointwise_inplace(xy.clone(), tx, ty, grad, c, s, 1e-12), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
     assert (functional[0][0, :3] == 0).all() and (functional[0][1:] != 0).all()
 

@@ -68,35 +68,37 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
-def _neg_inner(x, y, tx, ty):
-    """``t(x_i) t(y_j) − x_i·y_j = −⟨x_i, y_j⟩_L`` (B × N), one matmul."""
-    return torch.addmm(torch.outer(tx, ty), x, y.T, alpha=-1)
+def _neg_inner_inplace(xy, tx, ty):
+    """``t(x_i) t(y_j) − x_i·y_j = −⟨x_i, y_j⟩_L`` (B × N) from the matmul ``xy``, overwriting it."""
+    return xy.neg_().addcmul_(tx[:, None], ty[None, :])
 
 
-def _forward_pointwise(p, c, s, eps: float):
-    """Logits from ``p = t t' − x·y``: ``−s · acosh(max(c·p, 1 + eps)) / √c``."""
+def _forward_pointwise(xy, tx, ty, c, s, eps: float):
+    """Logits from ``xy = x·yᵀ``: with ``p = t t' − x·y``, ``−s · acosh(max(c·p, 1 + eps)) / √c``."""
+    p = tx[:, None] * ty[None, :] - xy
     return torch.acosh(torch.clamp(c * p, min=1 + eps)) * (-s / torch.sqrt(c))
 
 
-def _backward_pointwise(p, grad, c, s, eps: float):
-    """From ``p`` and the logits' gradient ``G``: ``(∂L/∂p, Σ G·d, Σ (∂L/∂u)·u)`` with
-    ``u = c·p``, where ``∂logit/∂u = −s / (√c · sqrt(u² − 1))`` and the clamp passes gradient."""
-    u = c * p
+def _backward_pointwise(xy, tx, ty, grad, c, s, eps: float):
+    """From ``xy = x·yᵀ`` and the logits' gradient ``G``: ``(∂L/∂p, Σ G·d, Σ (∂L/∂u)·u)`` with
+    ``p = t t' − x·y`` and ``u = c·p``, where ``∂logit/∂u = −s / (√c · sqrt(u² − 1))`` and the
+    clamp passes gradient."""
+    u = c * (tx[:, None] * ty[None, :] - xy)
     uc = torch.clamp(u, min=1 + eps)
     sqrt_c = torch.sqrt(c)
     g_u = torch.where(u >= 1 + eps, grad * (-s) / (sqrt_c * torch.sqrt(uc * uc - 1)), 0.0)
     return g_u * c, (grad * torch.acosh(uc)).sum() / sqrt_c, (g_u * uc).sum()
 
 
-def _forward_pointwise_inplace(p, c, s, eps: float):
-    """:func:`_forward_pointwise` overwriting ``p``."""
-    return p.mul_(c).clamp_(min=1 + eps).acosh_().mul_(-s / torch.sqrt(c))
+def _forward_pointwise_inplace(xy, tx, ty, c, s, eps: float):
+    """:func:`_forward_pointwise` overwriting ``xy``."""
+    return _neg_inner_inplace(xy, tx, ty).mul_(c).clamp_(min=1 + eps).acosh_().mul_(-s / torch.sqrt(c))
 
 
-def _backward_pointwise_inplace(p, grad, c, s, eps: float):
-    """:func:`_backward_pointwise` overwriting ``p``, with one more B × N buffer."""
+def _backward_pointwise_inplace(xy, tx, ty, grad, c, s, eps: float):
+    """:func:`_backward_pointwise` overwriting ``xy``, with one more B × N buffer."""
     sqrt_c = torch.sqrt(c)
-    u = p.mul_(c)
+    u = _neg_inner_inplace(xy, tx, ty).mul_(c)
     live = u >= 1 + eps
     u.clamp_(min=1 + eps)
     w = torch.acosh(u)
@@ -138,7 +140,7 @@ class _ScaledNegDistance(torch.autograd.Function):
     def forward(ctx, x, y, c, s):
         with _no_autocast(x.device.type):
             tx, ty = time_component(x, c), time_component(y, c)
-            logits = _pointwise(_forward_pointwise, _forward_pointwise_inplace, _neg_inner(x, y, tx, ty), c, s,
+            logits = _pointwise(_forward_pointwise, _forward_pointwise_inplace, x @ y.T, tx, ty, c, s,
                                 eps_for(x.dtype))
         ctx.save_for_backward(x, y, c, s, tx, ty)
         return logits
@@ -149,7 +151,7 @@ class _ScaledNegDistance(torch.autograd.Function):
         x, y, c, s, tx, ty = ctx.saved_tensors
         with _no_autocast(x.device.type):
             g, sum_gd, sum_gu_u = _pointwise(_backward_pointwise, _backward_pointwise_inplace,
-                                             _neg_inner(x, y, tx, ty), grad.to(x.dtype), c, s, eps_for(x.dtype))
+                                             x @ y.T, tx, ty, grad.to(x.dtype), c, s, eps_for(x.dtype))
             grad_s = -sum_gd  # logits = −s·d
             # c enters through the 1/√c factor of d, through u = c·p at fixed points, and through
             # t = sqrt(1/c + ‖·‖²), with ∂t/∂c = −1 / (2c² t)
