@@ -151,6 +151,8 @@ def test_the_gemm_patch_embedding_equals_the_strided_convolution_in_float64(size
                     strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
     assert not PatchEmbedding.applies_to(torch.nn.Conv2d(3, 8, kernel_size=3, stride=1, padding=1))
+    conv.eval()  # evaluation runs the convolution itself: bit for bit what open_clip computes
+    assert torch.equal(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=16))
 
 
 def test_built_vits_use_the_gemm_patch_embedding_with_open_clips_state_dict_keys():
@@ -166,4 +168,7 @@ def test_built_vits_use_the_gemm_patch_embedding_with_open_clips_state_dict_keys
     plain.eval()
     bundle.model.eval()
     image = torch.randn(2, 3, 64, 64)
+    assert torch.equal(bundle.model.encode_image(image), plain.encode_image(image))  # eval mode: exact
+    bundle.model.train()
+    plain.train()
     torch.testing.assert_close(bundle.model.encode_image(image), plain.encode_image(image), rtol=1e-5, atol=1e-5)

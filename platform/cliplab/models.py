@@ -38,10 +38,12 @@ def _register_bundled_configs() -> None:
 
 
 class PatchEmbedding(nn.Conv2d):
-    """A ``Conv2d`` whose kernel equals its stride (a ViT patch embedding), computed as one GEMM
-    over the non-overlapping patches. Same parameters and state-dict keys as the convolution and
-    the same result (to float rounding), without cuDNN's weight-gradient kernel for large strided
-    kernels: 5 ms of a 94 ms ViT-B/32 step at batch 512 on an H100 (``bench/profile_step.py``)."""
+    """A ``Conv2d`` whose kernel equals its stride (a ViT patch embedding), computed in training
+    as one GEMM over the non-overlapping patches: the same parameters and state-dict keys and the
+    same result (to float rounding), without cuDNN's weight-gradient kernel for large strided
+    kernels (5 ms of a 94 ms ViT-B/32 step at batch 512 on an H100, ``bench/profile_step.py``).
+    In eval mode it is the plain convolution, so evaluation and serving give bit for bit what
+    ``open_clip.create_model`` gives for the exported weights."""
 
     @staticmethod
     def applies_to(conv: nn.Module) -> bool:
@@ -49,6 +51,8 @@ class PatchEmbedding(nn.Conv2d):
                 and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
         (p, q), (b, c, h, w) = self.kernel_size, x.shape
         gh, gw = h // p, w // q  # a strided convolution drops the remainder rows and columns
         patches = x[:, :, :gh * p, :gw * q].reshape(b, c, gh, p, gw, q).permute(0, 2, 4, 1, 3, 5)
