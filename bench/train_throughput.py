@@ -102,7 +102,7 @@ def main() -> None:
                    help="open_clip_train's data-loader worker processes (its synthetic images are made on the CPU)")
     p.add_argument("--compile", action="store_true", help="also time cliplab's step under torch.compile")
     p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode (train.compile_mode): default, reduce-overhead, max-autotune-no-cudagraphs")
+                   help="torch.compile mode for cliplab's step: default, reduce-overhead, max-autotune-no-cudagraphs")
     p.add_argument("--skip-open-clip", action="store_true", help="time cliplab only (ratios then against its eager step)")
     args = p.parse_args()
     args.flops = None

@@ -241,6 +241,7 @@ class RankStream:
         self.skipped: Counter = Counter()  # decode-time skips of this rank's consumed positions
         self.restored: Counter = Counter()  # all ranks' skips up to the checkpoint (held by rank 0)
         _, self.mean, self.std, _, _ = _split_transform(model_name)
+        self._affine = None  # (scale, bias) on the device, made by the first to_torch
         record = data_cfg.record_keys or os.environ.get(RECORD_ENV)
         self.record = os.path.join(record, f"rank{rank}.tsv") if record else None
         if self.record:
@@ -361,10 +362,13 @@ class RankStream:
                 t = t.pin_memory()
             return t.to(device, non_blocking=cuda)
 
-        # (x / 255 - mean) / std as one affine map: convert + transpose in one copy, then two in-place passes
-        std = torch.tensor(self.std, dtype=torch.float64)
-        scale = (1.0 / (255.0 * std)).float().to(device).view(1, 3, 1, 1)
-        bias = (-torch.tensor(self.mean, dtype=torch.float64) / std).float().to(device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std as one affine map: convert + transpose in one copy, then two in-place passes.
+        # Built once: a host tensor copied to the GPU every batch would be a blocking copy.
+        if self._affine is None:
+            std = torch.tensor(self.std, dtype=torch.float64)
+            self._affine = ((1.0 / (255.0 * std)).float().to(device).view(1, 3, 1, 1),
+                            (-torch.tensor(self.mean, dtype=torch.float64) / std).float().to(device).view(1, 3, 1, 1))
+        scale, bias = self._affine
         out: dict[str, Any] = {"text": move(batch["text"])}
         for name in ("image", "image_2"):
             if name in batch:

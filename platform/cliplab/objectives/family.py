@@ -226,7 +226,8 @@ class ContrastiveObjective(Objective):
         b = anchors.shape[0]
         offset = b * ctx.rank
         logits = self._logits(anchors, columns)
-        positive = self._positive_logits(anchors, columns[offset:offset + b])
+        hard = targets is None or self.r.denominator == "sigmoid"  # SigLIP's pair labels are hard
+        positive = self._positive_logits(anchors, columns[offset:offset + b]) if hard else None
         if self.r.denominator == "sigmoid":
             # −log σ(z) for the positive, −log σ(−z) = softplus(z) for the rest: Σ_j softplus(z_ij) − z_ii
             return (F.softplus(logits + self.bias).sum(dim=1) - (positive + self.bias)).mean()
