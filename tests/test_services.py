@@ -92,3 +92,19 @@ def test_a_service_that_dies_at_start_is_a_clear_error_after_retries(tmp_path):
         svc.start()
     assert svc.proc is None
     assert (tmp_path / "service.log").read_text().count("boom") == 3  # auto port: tried 3 times
+
+
+def test_a_machine_without_a_ray_token_gets_one_before_ray_start(tmp_path, monkeypatch):
+    """`ray start --head` refuses to run under token auth without a token (a fresh machine has none);
+    the service creates it where Ray's drivers and job CLI look, and keeps an existing one."""
+    from cliplab.services.ray_cluster import auth_token_available, ensure_auth_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert not auth_token_available()
+    ensure_auth_token()
+    token = (tmp_path / ".ray" / "auth_token").read_text().strip()
+    assert len(token) >= 32 and auth_token_available()
+    ensure_auth_token()  # idempotent: the same token, not a new one
+    assert (tmp_path / ".ray" / "auth_token").read_text().strip() == token

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import urllib.request
 from pathlib import Path
 
+from cliplab.errors import ServiceError
 from cliplab.services.base import Service, free_port, port_open, venv_binary
 
 
@@ -41,6 +43,11 @@ class RayService(Service):
                 "--num-cpus", str(self.num_cpus), "--temp-dir", str(self.temp_dir),
                 "--disable-usage-stats", *[x for kv in ports.items() for x in kv]]
 
+    def start(self) -> RayService:
+        ensure_auth_token()
+        super().start()
+        return self
+
     def environment(self) -> dict[str, str]:
         return {**super().environment(), "RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
                 "RAY_USAGE_STATS_ENABLED": "0"}
@@ -65,3 +72,27 @@ class RayService(Service):
     def env(self) -> dict[str, str]:
         return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
                 "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+
+
+def auth_token_available() -> bool:
+    """Whether Ray can find a token: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` names, or
+    ``~/.ray/auth_token`` (the places Ray's own loader looks, in its order)."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    candidate = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
+    return candidate.is_file() and bool(candidate.read_text().strip())
+
+
+def ensure_auth_token() -> None:
+    """Local clusters use token auth, and ``ray start`` (unlike ``ray.init``) refuses to create the
+    token, so a fresh machine has none: generate one with Ray's own ``ray get-auth-token --generate``
+    (saved to ``~/.ray/auth_token``, where drivers and ``ray job`` read it). The token never reaches
+    our logs: the command's output is discarded."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or auth_token_available():
+        return
+    result = subprocess.run([venv_binary("ray"), "get-auth-token", "--generate"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    if result.returncode != 0 or not auth_token_available():
+        raise ServiceError("could not create a Ray auth token with `ray get-auth-token --generate`: "
+                           f"{result.stderr.strip()[-300:]}; create one yourself or set RAY_AUTH_TOKEN")
