@@ -384,6 +384,7 @@ def _rank(rank, world, port, arrays, queue):
                     scalars[name] = g.item() / world
             results[case] = (out.loss.item(), grads, scalars)
         queue.put((rank, results))
+        dist.barrier()  # both ranks are done with gloo before either tears it down (an early teardown aborted a rank)
     finally:
         dist.destroy_process_group()
 

@@ -82,6 +82,7 @@ def _accum_rank(rank, world, port, k, queue):
         local = {key: v[rank * b:(rank + 1) * b] for key, v in batch.items()}
         out = compute_gradients(ddp, local, DistContext.current(), accum_steps=k)
         queue.put((rank, out.loss.item(), {n: g.numpy() for n, g in _grads(module).items()}))
+        dist.barrier()  # both ranks are done with gloo before either tears it down (an early teardown aborted a rank)
     finally:
         dist.destroy_process_group()
 
