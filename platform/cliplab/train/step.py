@@ -122,11 +122,15 @@ def compute_gradients(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Dis
     return out
 
 
-def _host_values(named: dict[str, torch.Tensor], ctx: DistContext) -> tuple[bool, dict[str, float]]:
-    """The step's one device → host copy: every metric, and whether the loss and the gradient
-    norm are finite on every rank (so all ranks skip a step together)."""
-    values = torch.stack([v.detach().float().reshape(()) for v in named.values()])
-    finite = torch.isfinite(values[:2]).all().float().reshape(1)  # train/loss, train/grad_norm
+def _host_values(named: dict[str, torch.Tensor], guarded: tuple[str, ...],
+                 ctx: DistContext) -> tuple[bool, dict[str, float]]:
+    """The step's one device → host copy: every metric of ``named``, and whether the ``guarded``
+    ones are finite on every rank (so all ranks skip a step together)."""
+    def scalars(tensors):
+        return torch.stack([v.detach().float().reshape(()) for v in tensors])
+
+    values = scalars(named.values())
+    finite = torch.isfinite(scalars(named[k] for k in guarded)).all().float().reshape(1)  # no host copy
     if ctx.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     *host, ok = torch.cat([values, finite]).tolist()
@@ -153,7 +157,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, sche
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     named = {"train/loss": out.loss, "train/grad_norm": grad_norm,
              **{f"train/{k}": v for k, v in out.terms.items()}, **objective.metric_tensors()}
-    finite, metrics = _host_values(named, ctx)
+    finite, metrics = _host_values(named, ("train/loss", "train/grad_norm"), ctx)
     lr = scheduler.get_last_lr()[0]
     if not finite:
         optimizer.zero_grad(set_to_none=True)
