@@ -16,11 +16,7 @@ import time
 
 import torch
 
-from cliplab.config import ModelConfig, ObjectiveConfig, OptimConfig
-from cliplab.distributed import DistContext
-from cliplab.models import DualEncoder, build_model
-from cliplab.objectives import build_objective
-from cliplab.train.step import build_optimizer, configure_device, cosine_with_warmup, train_step
+from _synthetic import synthetic_step
 
 GROUPS = (("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "ampere_", "sm80_", "cublas")),
           ("attention", ("flash", "fmha", "attention", "cudnn")),
@@ -43,22 +39,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     args = p.parse_args()
-    device = torch.device("cuda")
-    configure_device(device, tf32=True)
-    torch.manual_seed(0)
-    bundle = build_model(ModelConfig(name=args.model))
-    module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name="clip"), bundle.embed_dim)).to(device)
-    if args.compile:
-        module.compile_encoders()
-    opt = build_optimizer(module, OptimConfig())
-    sched = cosine_with_warmup(opt, 10, 10_000)
-    size = bundle.model.visual.image_size
-    size = size[0] if isinstance(size, tuple) else size
-    batch = {"image": torch.randn(args.batch, 3, size, size, device=device),
-             "text": torch.randint(0, 49408, (args.batch, bundle.context_length), device=device)}
-
-    def step():
-        train_step(module, batch, opt, sched, DistContext(), precision="bf16")
+    step = synthetic_step(args.model, "clip", args.batch, "cuda", "bf16",
+                          compile_mode=None if args.compile else False).run
 
     for _ in range(args.warmup):
         step()

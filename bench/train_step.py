@@ -16,41 +16,20 @@ import time
 
 import torch
 
-from cliplab.config import ModelConfig, ObjectiveConfig, OptimConfig
-from cliplab.distributed import DistContext
-from cliplab.models import DualEncoder, build_model, freeze_text_tower
-from cliplab.objectives import build_objective
-from cliplab.train.step import build_optimizer, configure_device, cosine_with_warmup, train_step
+from _synthetic import synthetic_step
 
 PRESETS = ("clip", "siglip", "cloob", "meru", "xclr")
 
 
 def measure(preset: str, args) -> float:
-    torch.manual_seed(0)
-    configure_device(torch.device(args.device), tf32=True)  # what the trainer does (train.tf32)
-    bundle = build_model(ModelConfig(name=args.model))
-    module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name=preset), bundle.embed_dim))
-    if not module.objective.needs_text:
-        freeze_text_tower(module.model)
-    module = module.to(args.device)
-    opt = build_optimizer(module, OptimConfig())
-    sched = cosine_with_warmup(opt, 10, 10_000)
-    size = bundle.model.visual.image_size
-    size = size[0] if isinstance(size, tuple) else size
-    batch = {"image": torch.randn(args.batch, 3, size, size, device=args.device),
-             "text": torch.randint(0, 49408, (args.batch, bundle.context_length), device=args.device)}
-    if preset == "xclr":
-        batch["image_2"] = torch.randn_like(batch["image"])
-        batch["caption_embedding"] = torch.randn(args.batch, 384, device=args.device)
-    use_bf16 = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if use_bf16 else (lambda: None)
+    precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    step = synthetic_step(args.model, preset, args.batch, args.device, precision)
     times = []
     for i in range(args.warmup + args.iters):
-        sync()
+        step.sync()
         t0 = time.perf_counter()
-        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-            train_step(module, batch, opt, sched, DistContext())
-        sync()
+        step.run()
+        step.sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000

@@ -28,12 +28,9 @@ from pathlib import Path
 
 import torch
 
-from cliplab.config import ModelConfig, ObjectiveConfig, OptimConfig
-from cliplab.distributed import DistContext
-from cliplab.models import CONFIG_DIR, DualEncoder, build_model
-from cliplab.objectives import build_objective
+from _synthetic import synthetic_step
+from cliplab.models import CONFIG_DIR
 from cliplab.train.metering import count_flops, peak_tflops
-from cliplab.train.step import build_optimizer, configure_device, cosine_with_warmup, train_step
 
 OPEN_CLIP_PRECISION = {"bf16": "amp_bf16", "fp32": "fp32"}
 
@@ -58,33 +55,20 @@ def open_clip_train(args) -> float:
 
 def cliplab_step(args, compile_model: bool) -> float:
     """Median samples/s of cliplab's train_step on synthetic tensors."""
-    torch.manual_seed(0)
-    configure_device(torch.device(args.device), tf32=True)  # as open_clip_train does on CUDA
-    bundle = build_model(ModelConfig(name=args.model))
-    module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name="clip"), bundle.embed_dim)).to(args.device)
-    if compile_model:
-        module.compile_encoders(mode=args.compile_mode)
-    opt = build_optimizer(module, OptimConfig())
-    sched = cosine_with_warmup(opt, 10, 10_000)
-    size = bundle.model.visual.image_size
-    size = size[0] if isinstance(size, tuple) else size
-    batch = {"image": torch.randn(args.batch, 3, size, size, device=args.device),
-             "text": torch.randint(0, 49408, (args.batch, bundle.context_length), device=args.device)}
+    step = synthetic_step(args.model, "clip", args.batch, args.device, args.precision,
+                          compile_mode=args.compile_mode if compile_model else False)
     if args.flops is None:  # counted once, eager, on the first (warm-up) step: the same FLOPs compiled
-        _, args.flops = count_flops(lambda: train_step(module, batch, opt, sched, DistContext(),
-                                                       precision=args.precision))
+        _, args.flops = count_flops(step.run)
     # timed like a training loop, step start to step start: each step's own host sync (its
     # metrics) bounds it, and nothing else waits for the GPU (open_clip_train's per-step
     # log line syncs the same way)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    step.sync()
     stamps = [time.perf_counter()]
     for _ in range(args.steps):
-        train_step(module, batch, opt, sched, DistContext(), precision=args.precision)
+        step.run()
         stamps.append(time.perf_counter())
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()  # the last step's optimizer kernels count too
-        stamps[-1] = time.perf_counter()
+    step.sync()  # the last step's optimizer kernels count too
+    stamps[-1] = time.perf_counter()
     times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return args.batch / statistics.median(times[args.warmup:])
 
