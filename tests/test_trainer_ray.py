@@ -141,3 +141,51 @@ def test_cliplab_train_resume_continues_a_stopped_run(tmp_path, s3_server, mlflo
                               "--storage-path", cfg.storage_path], cwd=REPO, capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2 and "no complete checkpoint under" in missing.stderr
+
+
+def test_checkpoints_on_s3_keep_top_k_resume_and_register(tmp_path, s3_server, mlflow_server, ray_cluster):
+    """storage_path=s3://… (the KubeRay manifests' default): checkpoints land in the bucket with
+    every file and only the newest k kept, `cliplab train --resume` continues from S3, and the
+    registry loads the S3 checkpoint's weights."""
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from cliplab.eval.runner import load_model
+    from cliplab.tracking.registry import register_checkpoint
+    from cliplab.train.checkpoint import MARKER, fetch_checkpoint, latest_in_storage, load_trainer_state
+    from cliplab.train.launch import run_training
+
+    cfg = experiment(tmp_path, s3_server, mlflow_server, storage_path="s3://cliplab/runs",
+                     **{"train.num_workers": 1, "train.max_steps": 4, "train.checkpoint_every": 2,
+                        "train.keep_checkpoints": 1, "train.eval_every_epoch": False})
+    first = run_training(cfg, name="on-s3")
+    assert first.error is None and first.metrics["step"] == 4
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="cliplab", Prefix="runs/on-s3/")["Contents"]]
+    folders = sorted({k.split("/")[2] for k in keys if k.count("/") > 2 and k.split("/")[2].startswith("checkpoint_")})
+    assert len(folders) == 1, folders  # the step-2 checkpoint was dropped (keep_checkpoints=1)
+    for name in ("model.pt", "objective.pt", "trainer.pt", "config.json", MARKER):
+        assert f"runs/on-s3/{folders[0]}/{name}" in keys
+
+    proc = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "train", "--resume", "on-s3",
+                           "--storage-path", "s3://cliplab/runs", "--set", "train.max_steps=6"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    filesystem, path = latest_in_storage("s3://cliplab/runs/on-s3")
+    local = fetch_checkpoint(path, tmp_path / "fetched", filesystem)
+    assert load_trainer_state(local)["step"] == 6
+    history = MlflowClient(mlflow_server.uri).get_metric_history(first.metrics["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+
+    register_checkpoint(path, "s3-storage-test", "champion", uri=mlflow_server.uri, filesystem=filesystem)
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    served = mlflow.pyfunc.load_model("models:/s3-storage-test@champion").predict(pd.DataFrame({"text": ["red apple"]}))
+    loaded = load_model("s3://cliplab/runs/on-s3")  # cliplab eval --model: the run's latest checkpoint on S3
+    with torch.no_grad():
+        expected = loaded.objective.embed(loaded.encode_texts(["red apple"]), "text")
+    torch.testing.assert_close(torch.tensor(served["text_embedding"].tolist()), expected, rtol=0, atol=1e-6)
+
+    missing = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "train", "--resume", "no-such-run",
+                              "--storage-path", "s3://cliplab/runs"], cwd=REPO, capture_output=True, text=True,
+                             timeout=60, env=os.environ.copy())
+    assert missing.returncode == 2 and "no complete checkpoint under s3://cliplab/runs/no-such-run" in missing.stderr

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "toward [ROOT]. Shards are embedded as Ray tasks; the report is written as "
                                    "JSON and Markdown and logged to MLflow when a tracking URI is set.")
     p.add_argument("--model", required=True,
-                   help="models:/NAME@ALIAS (MLflow registry), or a checkpoint folder (or a run folder: its latest)")
+                   help="models:/NAME@ALIAS (MLflow registry), or a checkpoint folder, local or s3:// (or a run folder: its latest)")
     p.add_argument("--data", action="append", required=True, metavar="PATH_OR_S3_URL",
                    help="an eval set: a folder of .tar shards (or one holding test/ or val/), local or s3:// "
                         "(repeatable)")

@@ -28,19 +28,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _resume_config(args: argparse.Namespace):
     """The config of a run to resume: CONFIG when given, else its latest checkpoint's."""
-    from pathlib import Path
-
     from cliplab.config import ExperimentConfig, load_experiment, parse_override, validate, with_overrides
-    from cliplab.train.checkpoint import latest_checkpoint, load_config
+    from cliplab.train.checkpoint import latest_in_storage, read_config
 
     if args.config:
         return load_experiment(args.config, args.overrides)
-    root = Path(args.storage_path or ExperimentConfig().storage_path).expanduser()
-    found = latest_checkpoint(root / args.resume)
+    root = (args.storage_path or ExperimentConfig().storage_path).rstrip("/")
+    run_uri = f"{root}/{args.resume}"
+    try:
+        found = latest_in_storage(run_uri)  # s3://: endpoint and keys from the AWS_* environment
+    except OSError as err:
+        raise ConfigError(f"cannot list {run_uri}: {err}; for s3:// check AWS_ENDPOINT_URL and the AWS_* "
+                          "keys") from err
     if found is None:
-        raise ConfigError(f"no complete checkpoint under {root / args.resume}: check the run name and "
+        raise ConfigError(f"no complete checkpoint under {run_uri}: check the run name and "
                           "--storage-path, or start it again with `cliplab train CONFIG`")
-    cfg = with_overrides(load_config(found), dict(parse_override(o) for o in args.overrides))
+    cfg = with_overrides(read_config(*found), dict(parse_override(o) for o in args.overrides))
     validate(cfg)
     return cfg
 

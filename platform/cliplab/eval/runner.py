@@ -1,8 +1,8 @@
 """``cliplab eval``: load a model, open eval sets, embed them as Ray tasks, score, report.
 
 - :func:`load_model`: ``models:/NAME@ALIAS`` (the MLflow registry; the pyfunc's checkpoint
-  artifact) or a checkpoint folder (``train/checkpoint.py`` layout, or a run folder: its latest
-  complete checkpoint), loaded by the pyfunc's own loader.
+  artifact) or a checkpoint folder, local or ``s3://`` (``train/checkpoint.py`` layout, or a run
+  folder: its latest complete checkpoint), loaded by the pyfunc's own loader.
 - :func:`open_eval_set`: a classification set (``classnames.txt`` beside or above the tars:
   zero-shot) or training shards (retrieval + lenses, and MERU traversals when the shards' JSON
   carries an emoji-style ``group``/``subgroup`` hierarchy).
@@ -94,9 +94,35 @@ def _load_checkpoint(path: Path, source: str) -> LoadedModel:
     return LoadedModel(pyfunc.module, pyfunc.bundle, load_config(path), source)
 
 
+def _load_from_s3(ref: str) -> LoadedModel:
+    """A checkpoint or run folder (its latest complete checkpoint) under an ``s3://`` storage_path;
+    endpoint and keys from the AWS_* environment."""
+    import tempfile
+
+    from pyarrow import fs
+
+    from cliplab.train.checkpoint import MARKER, fetch_checkpoint, latest_in_storage, run_storage
+
+    try:
+        filesystem, path = run_storage(ref)
+        if filesystem.get_file_info(f"{path}/{MARKER}").type != fs.FileType.File:
+            found = latest_in_storage(ref)
+            if found is None:
+                raise ConfigError(f"--model {ref}: no complete checkpoint there (no COMPLETE marker, no "
+                                  "checkpoint_* inside); pass a checkpoint or run folder written by cliplab train")
+            path = found[1]
+        with tempfile.TemporaryDirectory(prefix="cliplab-eval-model-") as tmp:
+            return _load_checkpoint(fetch_checkpoint(path, Path(tmp) / "checkpoint", filesystem), ref)
+    except OSError as err:
+        raise ConfigError(f"--model {ref}: cannot read it ({err}); check AWS_ENDPOINT_URL and the AWS_* keys") from None
+
+
 def load_model(ref: str, tracking_uri: str | None = None) -> LoadedModel:
     """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) from the MLflow registry at
-    ``tracking_uri``, or a local checkpoint/run folder. Raises :class:`ConfigError` saying what to pass."""
+    ``tracking_uri``, or a checkpoint/run folder, local or ``s3://``. Raises :class:`ConfigError`
+    saying what to pass."""
+    if ref.startswith("s3://"):
+        return _load_from_s3(ref)
     if not ref.startswith("models:/"):
         path = Path(ref).expanduser()
         if not path.exists():

@@ -54,20 +54,22 @@ def write_open_clip_export(checkpoint_dir: Path, out: Path) -> Path:
 
 
 def register_checkpoint(checkpoint_path: str, name: str, alias: str | None, *, uri: str,
-                        run_id: str | None = None, version_tags: dict[str, str] | None = None) -> dict[str, Any]:
+                        run_id: str | None = None, version_tags: dict[str, str] | None = None,
+                        filesystem=None) -> dict[str, Any]:
     """Log the checkpoint as a pyfunc model (in ``run_id``'s run when given), register it as
     ``name`` with ``version_tags`` and, when given, point ``alias`` at the new version. Returns
-    name, version, alias and model URI."""
+    name, version, alias and model URI. ``filesystem``: the run's storage filesystem when the
+    checkpoint is on S3 (Ray reports it as a bucket/key path on that filesystem)."""
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
-    from ray.train import Checkpoint
 
     from cliplab.tracking.pyfunc import CliplabPyfunc
+    from cliplab.train.checkpoint import fetch_checkpoint
 
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Checkpoint(checkpoint_path).to_directory(str(Path(tmp) / "checkpoint"))
+        local = str(fetch_checkpoint(checkpoint_path, Path(tmp) / "checkpoint", filesystem))
         export = write_open_clip_export(Path(local), Path(tmp) / "open_clip")
         with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"), \
                 warnings.catch_warnings():

@@ -60,12 +60,54 @@ def _require_complete(path: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step under a run folder (``checkpoint_*``)."""
+    """The complete checkpoint with the highest step under a local run folder (``checkpoint_*``)."""
+    found = latest_in_storage(str(run_dir))
+    return Path(found[1]) if found else None
+
+
+def run_storage(uri: str, s3cfg=None):
+    """``(pyarrow filesystem, path on it)`` for a folder under ``storage_path``: ``s3://`` through
+    cliplab's S3 filesystem (the endpoint override pyarrow needs), anything else the local disk."""
+    from pyarrow import fs
+
+    if uri.startswith("s3://"):
+        from cliplab.config import S3Config
+        from cliplab.data.sources import s3_filesystem
+
+        return s3_filesystem(s3cfg or S3Config()), uri[len("s3://"):].rstrip("/")
+    return fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def latest_in_storage(run_uri: str, s3cfg=None) -> tuple[Any, str] | None:
+    """:func:`latest_checkpoint` for a run folder on local disk or S3: ``(filesystem, path)`` of
+    its complete checkpoint with the highest step, or None."""
+    from pyarrow import fs
+
+    filesystem, root = run_storage(run_uri, s3cfg)
     found = []
-    for d in Path(run_dir).glob("checkpoint_*"):
-        if d.is_dir() and is_complete(d):
-            found.append((json.loads((d / MARKER).read_text())["step"], d.stat().st_mtime, d))
-    return max(found)[2] if found else None
+    for info in filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)):
+        if info.type != fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with filesystem.open_input_stream(f"{info.path}/{MARKER}") as f:
+                found.append((json.loads(f.read())["step"], info.path))
+        except FileNotFoundError:
+            continue  # a torn write: never loaded
+    return (filesystem, max(found)[1]) if found else None
+
+
+def read_config(filesystem, path: str) -> ExperimentConfig:
+    """:func:`load_config` of a checkpoint on a pyarrow filesystem, without copying the rest."""
+    with filesystem.open_input_stream(f"{path}/config.json") as f:
+        return from_dict(ExperimentConfig, json.loads(f.read()))
+
+
+def fetch_checkpoint(path: str, dest: Path, filesystem=None) -> Path:
+    """A checkpoint as a local folder: ``path`` as Ray Train reports it (on ``filesystem``, the
+    run's storage filesystem; local when None), copied to ``dest``."""
+    from ray.train import Checkpoint
+
+    return Path(Checkpoint(path, filesystem=filesystem).to_directory(str(dest)))
 
 
 def restore_rng(state: dict[str, Any]) -> None:

@@ -25,11 +25,18 @@ class ParentRun:
         from mlflow import MlflowClient
 
         from cliplab.tracking.secrets import Redactor
+        from cliplab.train.checkpoint import run_storage
 
-        marker = Path(sweep_path) / "mlflow_parent_run.json" if "://" not in sweep_path else None
+        # beside the sweep's Tune state, local or on S3, so that --resume finds it wherever it runs
+        filesystem, root = run_storage(sweep_path, sweep.base.data.s3)
+        marker = f"{root}/mlflow_parent_run.json"
         client = MlflowClient(uri)
-        if resume and marker is not None and marker.is_file():
-            return cls(uri, json.loads(marker.read_text())["run_id"])
+        if resume:
+            try:
+                with filesystem.open_input_stream(marker) as f:
+                    return cls(uri, json.loads(f.read())["run_id"])
+            except FileNotFoundError:
+                pass
         exp = client.get_experiment_by_name(sweep.base.tracking.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(sweep.base.tracking.experiment)
         tags = {"sweep": sweep.name, "cliplab.kind": "sweep", "mlflow.note.content": sweep.hypothesis or ""}
@@ -41,9 +48,9 @@ class ParentRun:
         from mlflow.entities import Param
 
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in redact.params(params).items()])
-        if marker is not None:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"run_id": run.info.run_id}))
+        filesystem.create_dir(root, recursive=True)
+        with filesystem.open_output_stream(marker) as f:
+            f.write(json.dumps({"run_id": run.info.run_id}).encode())
         return cls(uri, run.info.run_id)
 
     def finish(self, sweep, rows, best, files: dict[str, Path], registered) -> None:

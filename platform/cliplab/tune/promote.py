@@ -34,6 +34,7 @@ def register_and_promote(sweep, best: dict[str, Any]) -> dict[str, Any] | None:
 
     from cliplab.tracking.registry import register_checkpoint
     from cliplab.tracking.tracker import tracking_uri
+    from cliplab.train.launch import storage_kwargs
 
     uri = tracking_uri(sweep.base.tracking)
     if not uri or not best.get("checkpoint_path"):
@@ -45,7 +46,7 @@ def register_and_promote(sweep, best: dict[str, Any]) -> dict[str, Any] | None:
     tags.update({"sweep": sweep.name, "sweep.metric": metric, "sweep.mode": sweep.mode, "trial": best["trial"],
                  f"metric.{metric}": value})
     reg = register_checkpoint(best["checkpoint_path"], name, None, uri=uri, run_id=best.get("mlflow_run_id") or None,
-                              version_tags=tags)
+                              version_tags=tags, filesystem=storage_kwargs(sweep.base).get("storage_filesystem"))
     wins = better(value, current, sweep.mode)
     alias = CHAMPION if wins else CHALLENGER
     client.set_registered_model_alias(name, alias, str(reg["version"]))

@@ -217,9 +217,11 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
         _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val}, steps=steps, sweep=sweep.name,
         parent_run_id=parent.run_id), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
     if resume:
-        if not tune.Tuner.can_restore(path, storage_filesystem=storage.get("storage_filesystem")):
+        # the experiment folder on its filesystem (for S3, the bucket/key path, without the scheme)
+        restore_path = f"{storage['storage_path'].rstrip('/')}/{sweep.name}"
+        if not tune.Tuner.can_restore(restore_path, storage_filesystem=storage.get("storage_filesystem")):
             raise ConfigError(f"nothing to resume at {path}: run the sweep without --resume first")
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+        tuner = tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=sweep.space, storage_filesystem=storage.get("storage_filesystem"))
     else:
         tuner = tune.Tuner(
