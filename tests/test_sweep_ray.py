@@ -120,7 +120,7 @@ from ray import tune
 from cliplab.config import ExperimentConfig
 from cliplab.tune import NoScheduler, Sweep
 SWEEP = Sweep(base=ExperimentConfig(), space={"optim.lr": tune.grid_search([1e-3, 2e-3, 3e-3])},
-              scheduler=NoScheduler(), name="resumable-sweep")
+              scheduler=NoScheduler(), name="resumable-sweep", register_as="resumable-sweep")
 '''
 
 
@@ -133,16 +133,18 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
 
     path = tmp_path / "resumable.py"
     path.write_text(SWEEP_FILE)
-    cfg = experiment(tmp_path, s3_server, mlflow_server, **{"train.max_steps": 6, "train.checkpoint_every": 2,
-                                                            "tracking.experiment": "resume"})
+    # the sweep's Tune state, trial checkpoints and parent-run marker on S3 (the KubeRay manifests' default)
+    cfg = experiment(tmp_path, s3_server, mlflow_server, storage_path="s3://cliplab/sweeps",
+                     **{"train.max_steps": 6, "train.checkpoint_every": 2, "tracking.experiment": "resume"})
     sets = []
     for key, value in flatten(to_dict(cfg)).items():
         if key.startswith(("data.", "train.", "tracking.", "eval.", "storage_path", "name")) and value is not None:
             sets += ["--set", f"{key}={json.dumps(value) if isinstance(value, (list, tuple)) else value}"]
-    cmd = [sys.executable, "-m", "cliplab.cli.main", "sweep", str(path), "--no-register", *sets]
+    cmd = [sys.executable, "-m", "cliplab.cli.main", "sweep", str(path), *sets]
     client = MlflowClient(mlflow_server.uri)
 
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
+                             cwd=tmp_path)
     deadline = time.monotonic() + 400
     finished: list = []
     while time.monotonic() < deadline and first.poll() is None:
@@ -157,7 +159,8 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     first.wait(timeout=30)
     done_trial = finished[0].data.tags["mlflow.runName"]
 
-    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| trial_")]
     assert len(rows) == 3 and all("| 6 " in r and "completed" in r for r in rows), proc.stdout[-3000:]
@@ -167,6 +170,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     names = [r.data.tags["mlflow.runName"] for r in trial_runs]
     assert names.count(done_trial) == 1, f"finished trial {done_trial} was run again: {names}"
     assert len(set(names)) == 3 and len(names) == 3  # the interrupted trial continued its own run
+    parents = [r for r in client.search_runs([exp.experiment_id], "tags.sweep = 'resumable-sweep'")
+               if r.data.tags.get("cliplab.kind") == "sweep"]
+    assert len(parents) == 1, "the resumed sweep opened a second parent run"  # its marker is read back from S3
+    best = client.get_model_version_by_alias("resumable-sweep", "champion")  # registered from the S3 checkpoint
+    assert best.run_id in {r.info.run_id for r in trial_runs}
 
 
 def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
