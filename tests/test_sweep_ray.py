@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from ray import tune
@@ -213,3 +214,46 @@ def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
     promote = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "registry", "promote", "promotion-test", "2",
                               "--tracking-uri", mlflow_server.uri], capture_output=True, text=True, timeout=120)
     assert promote.returncode == 0 and client.get_model_version_by_alias("promotion-test", "champion").version == "2"
+
+
+def test_optuna_proposes_every_trial_and_learns_each_result_on_ray_tune(tmp_path, ray_cluster, monkeypatch):
+    """Optuna() on a real Tune run: the trials' values come from Optuna's study, every finished
+    trial's metric reaches it, and reports without the metric (cliplab's pre-eval reports) are
+    skipped instead of failing the sweep."""
+    from cliplab.tune import Optuna
+
+    def _quadratic(config):  # defined here: Ray pickles it by value (the tests folder is not on the workers' path)
+        tune.report({"step": 0})  # before any eval, as a cliplab trial's checkpoint and log reports
+        tune.report({"step": 1, "loss": (config["x"] - 2.0) ** 2})
+
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # as run_sweep sets it
+    searcher = Optuna(seed=0).build("loss", "min")
+    grid = tune.Tuner(
+        tune.with_resources(_quadratic, {"cpu": 0.1}),
+        param_space={"x": tune.uniform(-10.0, 10.0)},
+        tune_config=tune.TuneConfig(metric="loss", mode="min", num_samples=6, max_concurrent_trials=1,
+                                    search_alg=searcher),
+        run_config=tune.RunConfig(name="optuna", storage_path=str(tmp_path)),
+    ).fit()
+    assert not grid.errors and len(grid) == 6
+    study = searcher._ot_study
+    told = sorted((t.params["x"], t.value) for t in study.trials if t.state.name == "COMPLETE")
+    tuned = sorted((r.config["x"], r.metrics["loss"]) for r in grid)
+    assert len(told) == 6
+    np.testing.assert_allclose(told, tuned, rtol=1e-12)
+    assert min(v for _, v in told) == grid.get_best_result().metrics["loss"]
+
+
+def test_optuna_refuses_a_grid_before_ray(tmp_path):
+    from cliplab.errors import ConfigError
+    from cliplab.tune import load_sweep
+
+    path = tmp_path / "optuna_grid.py"
+    path.write_text('''"""Hypothesis: a grid is not Optuna's to search."""
+from ray import tune
+from cliplab.config import ExperimentConfig
+from cliplab.tune import Optuna, Sweep
+SWEEP = Sweep(base=ExperimentConfig(), space={"optim.lr": tune.grid_search([1e-3, 2e-3])}, search=Optuna())
+''')
+    with pytest.raises(ConfigError, match="search space 'optim.lr': Optuna samples distributions"):
+        load_sweep(path, ["data.train=x"])

@@ -52,6 +52,48 @@ class NoScheduler:
         return FIFOScheduler()
 
 
+class SearchAlgorithm(Protocol):
+    """Proposes each trial's values from the search space (metric and mode known)."""
+
+    def build(self, metric: str, mode: str): ...
+
+    def check(self, space: dict[str, Any]) -> None:
+        """Refuse a space this algorithm cannot search (before any Ray work)."""
+
+
+@dataclass(frozen=True)
+class RandomSearch:
+    """Tune's basic variant generator: grids are crossed, distributions sampled at random."""
+
+    def build(self, metric: str, mode: str):
+        return None
+
+    def check(self, space: dict[str, Any]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Optuna:
+    """Optuna's TPE sampler proposes each trial from the results of those before it (set
+    ``max_concurrent_trials`` low so that it has results to learn from). Distributions and
+    ``tune.choice`` only: a ``grid_search`` key is refused."""
+
+    seed: int | None = 0
+
+    def build(self, metric: str, mode: str):
+        import optuna
+
+        from cliplab.tune.optuna_search import MetricOnlyOptunaSearch
+
+        return MetricOnlyOptunaSearch(sampler=optuna.samplers.TPESampler(seed=self.seed))
+
+    def check(self, space: dict[str, Any]) -> None:
+        for key, domain in space.items():
+            if isinstance(domain, dict) and "grid_search" in domain:
+                raise ConfigError(f"search space '{key}': Optuna samples distributions and cannot search a "
+                                  "grid_search; use tune.choice([...]) instead")
+
+
 @dataclass(frozen=True)
 class Sweep:
     """A question as code. The sweep file's docstring states the hypothesis.
@@ -59,7 +101,8 @@ class Sweep:
     ``space`` maps dotted config keys to Ray Tune domains (``tune.grid_search``, ``tune.choice``,
     ``tune.uniform``, ``tune.loguniform``, ``tune.randint``) or plain values; grids are crossed and
     distributions sampled at random ``num_samples`` times (Tune's basic variant generator).
-    ``scheduler`` is :class:`ASHA` (early stopping, the default) or :class:`NoScheduler`. Each trial
+    ``scheduler`` is :class:`ASHA` (early stopping, the default) or :class:`NoScheduler`;
+    ``search`` is :class:`RandomSearch` (the default) or :class:`Optuna`. Each trial
     takes ``train.num_workers`` × (``train.cpus_per_worker`` CPUs, ``train.gpus_per_worker`` GPUs);
     ``max_concurrent_trials`` of them must fit the cluster (checked before launching).
     """
@@ -76,6 +119,7 @@ class Sweep:
     name: str = "sweep"
     summarize: Callable[[list[dict[str, Any]]], str] | None = None  # extra report from the rows
     scheduler: Scheduler = field(default_factory=ASHA)
+    search: SearchAlgorithm = field(default_factory=RandomSearch)
 
     @property
     def num_trials(self) -> int:
@@ -112,6 +156,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                                 name=sweep.name if sweep.name != "sweep" else path.stem)
     if sweep.mode not in ("max", "min"):
         raise ConfigError(f"{path}: mode must be 'max' or 'min'")
+    sweep.search.check(sweep.space)
     for values in _enumerable_points(sweep.space):
         validate(with_overrides(base, values))
     validate(base)
@@ -231,6 +276,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
                 metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                 max_concurrent_trials=sweep.max_concurrent_trials,
                 scheduler=sweep.scheduler.build(sweep.metric, sweep.mode, sweep.base.train.epochs),
+                search_alg=sweep.search.build(sweep.metric, sweep.mode),
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=sweep.name, **storage),
         )
