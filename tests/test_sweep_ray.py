@@ -176,6 +176,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert len(parents) == 1, "the resumed sweep opened a second parent run"  # its marker is read back from S3
     best = client.get_model_version_by_alias("resumable-sweep", "champion")  # registered from the S3 checkpoint
     assert best.run_id in {r.info.run_id for r in trial_runs}
+    s3 = s3_server.client()  # the results table and plots beside the Tune state in the bucket
+    for name in ("results.csv", "results.md"):
+        assert s3.head_object(Bucket="cliplab", Key=f"sweeps/resumable-sweep/{name}")["ContentLength"] > 0
+    plots = s3.list_objects_v2(Bucket="cliplab", Prefix="sweeps/resumable-sweep/plots/").get("Contents", [])
+    assert any(o["Key"].endswith(".png") for o in plots)
 
 
 def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):

@@ -204,6 +204,18 @@ def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict,
     trainer.fit()
 
 
+def _upload(local_root: Path, files, folder: str, s3cfg) -> None:
+    """Copy ``files`` (under ``local_root``) to ``folder`` on its storage, keeping their layout."""
+    from pyarrow import fs
+
+    from cliplab.train.checkpoint import run_storage
+
+    filesystem, root = run_storage(folder, s3cfg)
+    for local in files:
+        rel = Path(local).relative_to(local_root).as_posix()
+        fs.copy_files(str(local), f"{root}/{rel}", destination_filesystem=filesystem)
+
+
 def _trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -305,7 +317,11 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
         best = pick(scored, key=lambda r: r[sweep.metric])
     else:
         errors = errors or ["no trial reported the metric " + sweep.metric]
-    files = report.write_results(sweep, rows, curves, Path(path) if "://" not in path else Path(".cliplab/sweeps") / sweep.name)
+    remote = "://" in path
+    out = Path(".cliplab/sweeps") / sweep.name if remote else Path(path)
+    files = report.write_results(sweep, rows, curves, out)
+    if remote:  # also beside the sweep's Tune state in the bucket
+        _upload(out, files.values(), path, sweep.base.data.s3)
     registered = None
     if best is not None and register and sweep.register_as:
         from cliplab.tune.promote import register_and_promote
