@@ -88,11 +88,11 @@ def latest_in_storage(run_uri: str, s3cfg=None) -> tuple[Any, str] | None:
     for info in filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)):
         if info.type != fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
-        try:
-            with filesystem.open_input_stream(f"{info.path}/{MARKER}") as f:
-                found.append((json.loads(f.read())["step"], info.path))
-        except FileNotFoundError:
+        marker = f"{info.path}/{MARKER}"
+        if filesystem.get_file_info(marker).type != fs.FileType.File:
             continue  # a torn write: never loaded
+        with filesystem.open_input_stream(marker) as f:
+            found.append((json.loads(f.read())["step"], info.path))
     return (filesystem, max(found)[1]) if found else None
 
 

@@ -64,9 +64,10 @@ def storage_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
     (pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is passed explicitly)."""
     path = storage_path(cfg)
     if path.startswith("s3://"):
-        from cliplab.data.sources import s3_filesystem
+        from cliplab.train.checkpoint import run_storage
 
-        return {"storage_path": path[len("s3://"):], "storage_filesystem": s3_filesystem(cfg.data.s3)}
+        filesystem, root = run_storage(path, cfg.data.s3)
+        return {"storage_path": root, "storage_filesystem": filesystem}
     return {"storage_path": path}
 
 
