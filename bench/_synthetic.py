@@ -19,8 +19,6 @@ CAPTION_DIM = 384  # all-MiniLM-L6-v2, X-CLR's frozen sentence encoder
 
 @dataclass
 class SyntheticStep:
-    module: DualEncoder
-    batch: dict[str, torch.Tensor]
     run: Callable[[], dict[str, float]]  # one optimizer step, as the trainer takes it
     sync: Callable[[], None]  # waits for the device (a no-op on CPU)
 
@@ -50,6 +48,5 @@ def synthetic_step(model: str, preset: str, batch_size: int, device: str, precis
         batch["caption_embedding"] = torch.randn(batch_size, CAPTION_DIM, device=device)
     cuda = device.startswith("cuda")
     return SyntheticStep(
-        module, batch,
         run=lambda: train_step(module, batch, opt, sched, DistContext(), precision=precision),
         sync=torch.cuda.synchronize if cuda else (lambda: None))
