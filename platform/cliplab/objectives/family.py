@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from cliplab.distributed import DistContext
 from cliplab.objectives import lorentz as L
 from cliplab.objectives.base import LossOutput, Objective
+from cliplab.objectives.hopfield import sphere_retrieval
 
 MASK = -1e9  # finite: soft targets × masked logits must never meet -inf
 
@@ -142,12 +143,16 @@ class ContrastiveObjective(Objective):
         hyperboloid).
 
         With ``hopfield_chunk`` set and gradients on, the queries run in chunks whose B × N
-        weights are recomputed in backward instead of kept (activation checkpointing): the
-        retrieval then holds no B × N matrix between forward and backward."""
+        weights are recomputed in backward instead of kept, so the retrieval holds no B × N
+        matrix between forward and backward: on the sphere by
+        :func:`hopfield.sphere_retrieval`'s FlashAttention-style backward (which recomputes only
+        the scores), on the hyperboloid by activation checkpointing."""
         beta = self.log_beta.exp()
         chunk = self.cfg.hopfield_chunk
         if chunk is None or not torch.is_grad_enabled():
             return self._retrieve(queries, memory, beta)
+        if self.r.geometry == "euclidean":
+            return F.normalize(sphere_retrieval(_fp32(queries), _fp32(memory), beta, chunk), dim=-1)
         return torch.cat([checkpoint(self._retrieve, q, memory, beta, use_reentrant=False)
                           for q in queries.split(chunk)])
 
