@@ -55,7 +55,8 @@ def test_asha_stops_weak_trials_and_the_sweep_leaves_a_table_plots_and_parent_ch
     assert len(children) == 4 and {c.data.tags["sweep"] for c in children} == {"asha-test"}
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"results.md", "results.csv", "plots"} <= artifacts
-    _check_tensorboard(base.storage_path, "asha-test", expected_trials=4)
+    _check_tensorboard(base.storage_path, "asha-test", expected_trials=4,
+                       screenshot=Path(base.storage_path) / "asha-test-tensorboard.png")
 
     # the best completed trial is registered in its own run; a first model becomes the champion
     assert outcome.best["optim.lr"] == 3e-3 and outcome.registered["alias"] == "champion"
@@ -86,8 +87,9 @@ def _screenshot_has_curves(url: str, png: Path) -> None:
     assert len(hues) > 400 and len(buckets) >= 2, f"no trial curves in {png} ({len(hues)} coloured pixels)"
 
 
-def _check_tensorboard(storage: str, sweep: str, expected_trials: int) -> None:
-    """`cliplab dashboard SWEEP` serves every trial's scalars (Tune's event files) over HTTP."""
+def _check_tensorboard(storage: str, sweep: str, expected_trials: int, screenshot: Path | None) -> None:
+    """`cliplab dashboard SWEEP` serves every trial's scalars (Tune's event files) over HTTP, local
+    or mirrored from S3; ``screenshot``: also render the page there and look for the curves."""
     import re
     import time
     import urllib.request
@@ -110,7 +112,8 @@ def _check_tensorboard(storage: str, sweep: str, expected_trials: int) -> None:
         trials = [run for run in tags if "trial_" in run]
         assert len(trials) == expected_trials, tags
         assert all(any(t.endswith("train/loss") for t in tags[run]) for run in trials)
-        _screenshot_has_curves(f"{url}/#scalars", Path(storage) / f"{sweep}-tensorboard.png")
+        if screenshot:
+            _screenshot_has_curves(f"{url}/#scalars", screenshot)
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
@@ -181,6 +184,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
         assert s3.head_object(Bucket="cliplab", Key=f"sweeps/resumable-sweep/{name}")["ContentLength"] > 0
     plots = s3.list_objects_v2(Bucket="cliplab", Prefix="sweeps/resumable-sweep/plots/").get("Contents", [])
     assert any(o["Key"].endswith(".png") for o in plots)
+    _check_tensorboard("s3://cliplab/sweeps", "resumable-sweep", expected_trials=3, screenshot=None)  # mirrored
 
 
 def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):

@@ -130,7 +130,7 @@ def _resolve_s3(url: str, urls: list[str], s3cfg) -> ShardSet:
                 _check_bucket(filesystem, bucket, endpoint)
                 raise DataError(f"shard not found: {u}")
         except OSError as err:
-            raise DataError(_explain_s3_error(err, u, bucket, endpoint)) from None
+            raise DataError(explain_s3_error(err, u, bucket, endpoint)) from None
     return ShardSet(url, tuple(paths), filesystem)
 
 
@@ -141,7 +141,7 @@ def _check_bucket(filesystem, bucket: str, endpoint: str) -> None:
         raise DataError(f"S3 bucket '{bucket}' does not exist at {endpoint}")
 
 
-def _explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str:
+def explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str:
     text = str(err)
     low = text.lower()
     if any(s in low for s in ("curl error", "couldn't connect", "connection refused", "timed out",
@@ -187,5 +187,5 @@ def upload(local_dir: str | Path, url: str, s3cfg, *, progress: bool = False, wo
 
             list(pool.map(copy, files))
     except OSError as err:
-        raise DataError(_explain_s3_error(err, url, bucket, endpoint)) from None
+        raise DataError(explain_s3_error(err, url, bucket, endpoint)) from None
     return len(files)

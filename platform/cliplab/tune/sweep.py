@@ -18,6 +18,9 @@ from typing import Any, Protocol
 from cliplab.config import ExperimentConfig, load_python_file, parse_override, validate, with_overrides
 from cliplab.errors import ConfigError
 
+#: how often the driver uploads trial results and TensorBoard event files to remote storage
+#: (Tune's default is 300 s): what `cliplab dashboard` on an S3 sweep lags by at most
+SYNC_PERIOD_S = 30
 
 class Scheduler(Protocol):
     """Builds a Tune trial scheduler for a sweep (metric, mode and the epoch budget known)."""
@@ -290,7 +293,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
                 scheduler=sweep.scheduler.build(sweep.metric, sweep.mode, sweep.base.train.epochs),
                 search_alg=sweep.search.build(sweep.metric, sweep.mode),
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name=sweep.name, **storage),
+            run_config=tune.RunConfig(name=sweep.name, sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+                                      **storage),
         )
     grid = tuner.fit()
     total = sweep.base.train.max_steps or sweep.base.train.epochs * steps
