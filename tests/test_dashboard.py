@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.s3]
-
 
 def _upload_events(s3, local: Path, prefix: str) -> None:
     for path in local.rglob("events.out.tfevents*"):
@@ -45,6 +43,7 @@ def _losses(url: str, run: str) -> list[tuple[int, float]]:
     return [(step, round(value, 6)) for _, step, value in _get(f"{url}/data/plugin/scalars/scalars?{query}")]
 
 
+@pytest.mark.s3
 def test_dashboard_mirrors_a_sweep_on_s3_and_follows_it_live(tmp_path, s3_server):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -101,6 +100,7 @@ def test_dashboard_mirrors_a_sweep_on_s3_and_follows_it_live(tmp_path, s3_server
     assert not list(scratch.glob("cliplab-dashboard-*")), "the local mirror was left behind"
 
 
+@pytest.mark.s3
 @pytest.mark.parametrize("case", ["missing sweep", "wrong keys"])
 def test_dashboard_on_s3_fails_fast_with_a_clear_line(tmp_path, s3_server, case):
     env = {**os.environ, **s3_server.env()}
@@ -114,3 +114,41 @@ def test_dashboard_on_s3_fails_fast_with_a_clear_line(tmp_path, s3_server, case)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     expected = "no sweep at s3://cliplab/dash/nope" if case == "missing sweep" else "rejected the credentials"
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_sync_appends_what_grew_rewrites_what_shrank_and_skips_other_files(tmp_path):
+    from pyarrow import fs
+
+    from cliplab.tune.dashboard import sync_event_files
+
+    remote, local = tmp_path / "remote", tmp_path / "mirror"
+    event = remote / "trial_a" / "events.out.tfevents.1.host"
+    event.parent.mkdir(parents=True)
+    event.write_bytes(b"first")
+    (remote / "trial_a" / "result.json").write_text("{}")
+    filesystem = fs.LocalFileSystem()
+    assert sync_event_files(filesystem, str(remote), local) == 1
+    copy = local / "trial_a" / "events.out.tfevents.1.host"
+    assert copy.read_bytes() == b"first" and not (local / "trial_a" / "result.json").exists()
+    inode = copy.stat().st_ino
+    assert sync_event_files(filesystem, str(remote), local) == 0  # nothing new: nothing read
+
+    with open(event, "ab") as f:
+        f.write(b"+second")
+    copy.write_bytes(b"FIRST")  # only the new bytes are fetched: the old ones stay as they were
+    assert sync_event_files(filesystem, str(remote), local) == 1
+    assert copy.read_bytes() == b"FIRST+second" and copy.stat().st_ino == inode  # same file: readers follow
+
+    event.write_bytes(b"new")  # rewritten shorter: copied again, in place
+    assert sync_event_files(filesystem, str(remote), local) == 1
+    assert copy.read_bytes() == b"new" and copy.stat().st_ino == inode
+
+
+def test_a_local_folder_wins_over_an_s3_storage_path(tmp_path):
+    from cliplab.tune.dashboard import locate_sweep
+
+    folder = tmp_path / "my-sweep"
+    folder.mkdir()
+    location = locate_sweep(str(folder), "s3://bucket/runs")
+    assert not location.remote and location.uri == str(folder.resolve())
+    assert locate_sweep("my-sweep", str(tmp_path)).uri == str(folder.resolve())

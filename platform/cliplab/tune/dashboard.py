@@ -41,6 +41,8 @@ def locate_sweep(sweep: str, storage_path: str, s3cfg=None) -> SweepLocation:
     from cliplab.errors import ConfigError
     from cliplab.train.checkpoint import run_storage
 
+    if not sweep.startswith("s3://") and Path(sweep).is_dir():
+        return SweepLocation(str(Path(sweep).resolve()))
     if sweep.startswith("s3://") or storage_path.startswith("s3://"):
         uri = sweep if sweep.startswith("s3://") else f"{storage_path.rstrip('/')}/{sweep}"
         filesystem, root = run_storage(uri, s3cfg)
@@ -56,9 +58,9 @@ def locate_sweep(sweep: str, storage_path: str, s3cfg=None) -> SweepLocation:
             raise ConfigError(f"no sweep at {uri}: pass the sweep's name as `cliplab sweep` printed it and the "
                               "storage_path it ran with (--storage-path s3://bucket/prefix)")
         return SweepLocation(uri.rstrip("/"), filesystem, root)
-    for candidate in (Path(sweep), Path(storage_path).expanduser() / sweep):
-        if candidate.is_dir():
-            return SweepLocation(str(candidate.resolve()))
+    candidate = Path(storage_path).expanduser() / sweep
+    if candidate.is_dir():
+        return SweepLocation(str(candidate.resolve()))
     raise ConfigError(f"no sweep folder '{sweep}' (looked in . and {storage_path}); pass the sweep's name as "
                       "`cliplab sweep` printed it, or --storage-path")
 
