@@ -68,10 +68,11 @@ def _serve(logdir: str, name: str, args: argparse.Namespace, note: str) -> int:
     tensorboard = Path(sys.executable).with_name("tensorboard")
     cmd = [str(tensorboard) if tensorboard.exists() else "tensorboard", "--logdir", logdir,
            "--host", args.host, "--port", str(port), "--reload_interval", "5"]
-    print(f"TensorBoard for sweep {name}: http://{args.host}:{port}/#scalars{note}  (Ctrl-C stops it)", flush=True)
     proc = subprocess.Popen(cmd, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL,
                             stderr=None if os.environ.get("CLIPLAB_DEBUG") else subprocess.DEVNULL)
-    try:
+    try:  # the URL only once TensorBoard is a child we can stop (a stop right after the URL must reach it)
+        print(f"TensorBoard for sweep {name}: http://{args.host}:{port}/#scalars{note}  (Ctrl-C stops it)",
+              flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
