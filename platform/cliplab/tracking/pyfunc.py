@@ -11,6 +11,7 @@ import base64
 import io
 
 import mlflow.pyfunc
+import pandas as pd
 
 
 def _image_bytes(value) -> bytes:
@@ -50,9 +51,8 @@ class CliplabPyfunc(mlflow.pyfunc.PythonModel):
             tokens = self.bundle.tokenizer(texts)
             return self.module.objective.embed(self.module.model.encode_text(tokens, normalize=False), "text")
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        # a DataFrame hint: MLflow validates against the logged signature, not the hint
         out = pd.DataFrame(index=model_input.index)
         img = txt = None
         if "image" in model_input:
