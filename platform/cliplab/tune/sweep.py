@@ -18,9 +18,10 @@ from typing import Any, Protocol
 from cliplab.config import ExperimentConfig, load_python_file, parse_override, validate, with_overrides
 from cliplab.errors import ConfigError
 
-#: how often the driver uploads trial results and TensorBoard event files to remote storage
-#: (Tune's default is 300 s): what `cliplab dashboard` on an S3 sweep lags by at most
+#: the least time between the driver's uploads of trial results and TensorBoard event files to
+#: remote storage (Tune's default is 300 s): most of what `cliplab dashboard` on an S3 sweep lags by
 SYNC_PERIOD_S = 30
+
 
 class Scheduler(Protocol):
     """Builds a Tune trial scheduler for a sweep (metric, mode and the epoch budget known)."""
