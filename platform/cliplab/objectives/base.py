@@ -10,6 +10,11 @@ from torch import nn
 from cliplab.distributed import DistContext
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is when float64 (references and tests run in float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @dataclass
 class LossOutput:
     """The scalar to backprop, and named terms worth logging (detached by the caller)."""

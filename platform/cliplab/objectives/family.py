@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cliplab.distributed import DistContext
 from cliplab.objectives import lorentz as L
-from cliplab.objectives.base import LossOutput, Objective
+from cliplab.objectives.base import LossOutput, Objective, at_least_fp32
 from cliplab.objectives.hopfield import sphere_retrieval
 
 MASK = -1e9  # finite: soft targets × masked logits must never meet -inf
@@ -61,11 +61,6 @@ def resolve(cfg) -> Resolved:
     """Fill every ``None`` field of the config from its preset (``cfg.name``)."""
     base = PRESETS.get(cfg.name, PRESETS["clip"])
     return Resolved(**{k: (getattr(cfg, k) if getattr(cfg, k) is not None else v) for k, v in base.items()})
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    """At least float32 (float64 stays float64, for references and tests)."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -117,7 +112,7 @@ class ContrastiveObjective(Objective):
     def embed(self, features: torch.Tensor, modality: str = "image") -> torch.Tensor:
         """Map raw projected features into the geometry (fp32): the unit sphere, or the
         hyperboloid via ``exp_map0(α · f)`` (space components only)."""
-        f = _fp32(features)
+        f = at_least_fp32(features)
         if self.r.geometry == "euclidean":
             return F.normalize(f, dim=-1)
         alpha = (self.log_alpha_image if modality == "image" else self.log_alpha_text).exp()
@@ -126,7 +121,7 @@ class ContrastiveObjective(Objective):
     def ensemble(self, text_features: torch.Tensor) -> torch.Tensor:
         """Prompt ensembling in the objective's own space: normalise-mean-normalise on the
         sphere; the tangent-space mean before the lift on the hyperboloid."""
-        f = _fp32(text_features)
+        f = at_least_fp32(text_features)
         if self.r.geometry == "euclidean":
             return F.normalize(F.normalize(f, dim=-1).mean(dim=0), dim=-1)
         return L.exp_map0(self.log_alpha_text.exp() * f.mean(dim=0), self.curvature)
@@ -152,13 +147,13 @@ class ContrastiveObjective(Objective):
         if chunk is None or not torch.is_grad_enabled():
             return self._retrieve(queries, memory, beta)
         if self.r.geometry == "euclidean":
-            return F.normalize(sphere_retrieval(_fp32(queries), _fp32(memory), beta, chunk), dim=-1)
+            return F.normalize(sphere_retrieval(queries, memory, beta, chunk), dim=-1)
         return torch.cat([checkpoint(self._retrieve, q, memory, beta, use_reentrant=False)
                           for q in queries.split(chunk)])
 
     def _retrieve(self, queries: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         if self.r.geometry == "euclidean":  # β scales the B queries, not the B × N scores
-            weights = torch.softmax(_fp32((beta * queries) @ memory.T), dim=1)
+            weights = torch.softmax(at_least_fp32((beta * queries) @ memory.T), dim=1)
             return F.normalize(weights @ memory, dim=-1)
         c = self.curvature
         weights = torch.softmax(L.scaled_neg_distance(queries, memory, c, beta), dim=1)
@@ -170,14 +165,14 @@ class ContrastiveObjective(Objective):
         :func:`lorentz.scaled_neg_distance` keeps only the points."""
         scale = self.log_scale.exp()
         if self.r.geometry == "euclidean":
-            return _fp32((scale * anchors) @ columns.T)
+            return at_least_fp32((scale * anchors) @ columns.T)
         return L.scaled_neg_distance(anchors, columns, self.curvature, scale)
 
     def _positive_logits(self, anchors: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
         """``s · sim(anchor_i, partner_i)`` row by row (B): the diagonal, without a B × N mask."""
         scale = self.log_scale.exp()
         if self.r.geometry == "euclidean":
-            return _rowwise_dot(scale * _fp32(anchors), _fp32(partners))
+            return _rowwise_dot(scale * at_least_fp32(anchors), at_least_fp32(partners))
         return -scale * L.paired_distance(anchors, partners, self.curvature)
 
     # loss --------------------------------------------------------------------------------
@@ -195,7 +190,7 @@ class ContrastiveObjective(Objective):
         if self.r.targets == "soft":
             if "caption_embeddings" not in extras:
                 raise ValueError("soft targets need extras['caption_embeddings'] (cliplab data embed-captions)")
-            e = F.normalize(_fp32(extras["caption_embeddings"]), dim=-1)
+            e = F.normalize(at_least_fp32(extras["caption_embeddings"]), dim=-1)
             e_all = ctx.gather_no_grad(e)
             targets = torch.softmax(e @ e_all.T / self.cfg.soft_target_temperature, dim=1)
 

@@ -22,14 +22,12 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from cliplab.objectives.base import at_least_fp32
+
 
 def _scores(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``q Mᵀ`` (rows × N), promoted to at least float32 (an autocast matmul returns bf16)."""
-    return _fp32(queries @ memory.T)
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
+    return at_least_fp32(queries @ memory.T)
 
 
 class _SphereRetrieval(torch.autograd.Function):
@@ -40,7 +38,7 @@ class _SphereRetrieval(torch.autograd.Function):
             s = _scores(beta * q, memory)
             lse = torch.logsumexp(s, dim=1, keepdim=True)
             weights = s.sub_(lse).exp_()  # in place: one B × N buffer per chunk
-            outs.append(_fp32(weights @ memory))
+            outs.append(at_least_fp32(weights @ memory))
             lses.append(lse)
         out = torch.cat(outs)
         lse = torch.cat(lses)

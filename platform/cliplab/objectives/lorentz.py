@@ -14,21 +14,19 @@ import warnings
 
 import torch
 
+from cliplab.objectives.base import at_least_fp32
+
 
 def eps_for(dtype: torch.dtype) -> float:
     """The smallest epsilon that still moves ``1 + eps`` in ``dtype`` (≥ 1e-6 in fp32)."""
     return max(1e-6, 4 * torch.finfo(dtype).eps) if dtype != torch.float64 else 1e-12
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
-
-
 def tangent_mean(weights: torch.Tensor, memory: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The weighted mean ``Σ_j w_ij log_map0(m_j)`` in the origin's tangent space (B × D), in
     fp32 whatever the autocast state; :func:`exp_map0` lifts it back."""
     with torch.autocast(memory.device.type, enabled=False):
-        return _at_least_fp32(weights) @ log_map0(_at_least_fp32(memory), c)
+        return at_least_fp32(weights) @ log_map0(at_least_fp32(memory), c)
 
 
 def time_component(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -53,7 +51,7 @@ def distance(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def paired_distance(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Row-wise geodesic distances ``d(x_i, y_i)`` (shape B), clamped as in :func:`distance`."""
-    x, y = _at_least_fp32(x), _at_least_fp32(y)
+    x, y = at_least_fp32(x), at_least_fp32(y)
     eps = eps_for(x.dtype)
     inner_xy = (x * y).sum(-1) - time_component(x, c) * time_component(y, c)
     return torch.acosh(torch.clamp(-c * inner_xy, min=1 + eps)) / torch.sqrt(c)
@@ -166,7 +164,7 @@ def scaled_neg_distance(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor, s: to
     """Logits ``−s · distance(x_i, y_j)`` (B × N), memory-lean: equal to ``-s * distance(x, y, c)``
     with the same clamp, but autograd keeps only ``x``, ``y`` and the scalars (a B × N matrix
     would otherwise be kept for each of the five elementwise steps). Computes in at least fp32."""
-    return _ScaledNegDistance.apply(_at_least_fp32(x), _at_least_fp32(y), c, s)
+    return _ScaledNegDistance.apply(at_least_fp32(x), at_least_fp32(y), c, s)
 
 
 def exp_map0(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
