@@ -81,6 +81,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("fault, message", [
     ("bucket", "S3 bucket 'no-such-bucket' does not exist at http://127.0.0.1:"),
     ("credentials", "S3 rejected the credentials for s3://cliplab/emoji/train/"),
+    ("secret", "S3 rejected the credentials for s3://cliplab/emoji/train/"),  # a known key, a wrong secret
     ("endpoint", "cannot reach the S3 endpoint http://127.0.0.1:"),
 ])
 def test_s3_faults_stop_preflight_within_seconds_and_say_which(fault, message, tmp_path, s3_server,
@@ -94,6 +95,8 @@ def test_s3_faults_stop_preflight_within_seconds_and_say_which(fault, message, t
     elif fault == "credentials":
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-either")
+    elif fault == "secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     else:
         overrides["data.s3.endpoint_url"] = f"http://127.0.0.1:{_free_port()}"
     cfg = experiment(tmp_path, s3_server, mlflow_server, **overrides)

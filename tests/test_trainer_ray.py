@@ -189,3 +189,9 @@ def test_checkpoints_on_s3_keep_top_k_resume_and_register(tmp_path, s3_server, m
                               "--storage-path", "s3://cliplab/runs"], cwd=REPO, capture_output=True, text=True,
                              timeout=60, env=os.environ.copy())
     assert missing.returncode == 2 and "no complete checkpoint under s3://cliplab/runs/no-such-run" in missing.stderr
+    wrong = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "train", "--resume", "on-s3", "--storage-path",
+                            "s3://cliplab/runs"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "AWS_SECRET_ACCESS_KEY": "not-the-secret"})  # a listing's error
+    assert wrong.returncode == 2 and "S3 rejected the credentials for s3://cliplab/runs/on-s3" in wrong.stderr, \
+        wrong.stderr[-2000:]
+    assert "Traceback" not in wrong.stderr

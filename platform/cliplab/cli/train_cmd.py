@@ -38,8 +38,10 @@ def _resume_config(args: argparse.Namespace):
     try:
         found = latest_in_storage(run_uri)  # s3://: endpoint and keys from the AWS_* environment
     except OSError as err:
-        raise ConfigError(f"cannot list {run_uri}: {err}; for s3:// check AWS_ENDPOINT_URL and the AWS_* "
-                          "keys") from err
+        from cliplab.data.sources import s3_error_message
+
+        raise ConfigError(s3_error_message(err, run_uri) if run_uri.startswith("s3://")
+                          else f"cannot list {run_uri}: {err}") from None
     if found is None:
         raise ConfigError(f"no complete checkpoint under {run_uri}: check the run name and "
                           "--storage-path, or start it again with `cliplab train CONFIG`")

@@ -9,6 +9,7 @@ before any Ray work, so a typo or a dead endpoint is one clear line, not a hang.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,13 +149,22 @@ def explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str:
                               "could not resolve", "connect")):
         return (f"cannot reach the S3 endpoint {endpoint} while opening {url}: is the server "
                 "running? Set data.s3.endpoint_url or AWS_ENDPOINT_URL")
-    if any(s in low for s in ("access denied", "access_denied", "forbidden", "invalidaccesskeyid",
-                              "signaturedoesnotmatch", "403")):
+    squeezed = low.replace("_", "").replace(" ", "")  # AWS codes come as AccessDenied or ACCESS_DENIED
+    if any(s in squeezed for s in ("accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch")) \
+            or re.search(r"\b403\b", low):
         return (f"S3 rejected the credentials for {url} at {endpoint}: check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
-    if "nosuchbucket" in low or ("bucket" in low and "not" in low):
+    if "nosuchbucket" in squeezed or ("bucket" in low and "not" in low):
         return f"S3 bucket '{bucket}' does not exist at {endpoint}"
     return f"S3 error opening {url} at {endpoint}: {text.splitlines()[0] if text else type(err).__name__}"
+
+
+def s3_error_message(err: OSError, url: str, s3cfg=None) -> str:
+    """:func:`explain_s3_error` for an ``s3://`` URL, its bucket and endpoint worked out."""
+    from cliplab.config import S3Config
+
+    bucket = url[len("s3://"):].split("/")[0]
+    return explain_s3_error(err, url, bucket, endpoint_url(s3cfg or S3Config()) or "AWS")
 
 
 def upload(local_dir: str | Path, url: str, s3cfg, *, progress: bool = False, workers: int = 8) -> int:

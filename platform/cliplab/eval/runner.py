@@ -114,7 +114,9 @@ def _load_from_s3(ref: str) -> LoadedModel:
         with tempfile.TemporaryDirectory(prefix="cliplab-eval-model-") as tmp:
             return _load_checkpoint(fetch_checkpoint(path, Path(tmp) / "checkpoint", filesystem), ref)
     except OSError as err:
-        raise ConfigError(f"--model {ref}: cannot read it ({err}); check AWS_ENDPOINT_URL and the AWS_* keys") from None
+        from cliplab.data.sources import s3_error_message
+
+        raise ConfigError(f"--model: {s3_error_message(err, ref)}") from None
 
 
 def load_model(ref: str, tracking_uri: str | None = None) -> LoadedModel:

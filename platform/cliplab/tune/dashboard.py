@@ -49,11 +49,9 @@ def locate_sweep(sweep: str, storage_path: str, s3cfg=None) -> SweepLocation:
         try:
             found = filesystem.get_file_info(root).type == fs.FileType.Directory
         except OSError as err:
-            from cliplab.config import S3Config
-            from cliplab.data.sources import endpoint_url, explain_s3_error
+            from cliplab.data.sources import s3_error_message
 
-            raise ConfigError(explain_s3_error(err, uri, root.split("/")[0],
-                                                endpoint_url(s3cfg or S3Config()) or "AWS")) from None
+            raise ConfigError(s3_error_message(err, uri, s3cfg)) from None
         if not found:
             raise ConfigError(f"no sweep at {uri}: pass the sweep's name as `cliplab sweep` printed it and the "
                               "storage_path it ran with (--storage-path s3://bucket/prefix)")
