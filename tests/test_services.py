@@ -1,5 +1,6 @@
 """Embedded services: start, health, stop, and a second instance beside the first."""
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,34 @@ def test_ray_head_runs_a_task_from_another_process_and_stops(tmp_path):
         assert proc.stdout.strip().endswith("42"), proc.stderr[-2000:]
         pid, port = svc.proc.pid, svc.port
     assert not _pids_alive(pid) and not port_open(port)
+
+
+@pytest.mark.s3
+def test_an_s3_server_that_cannot_store_objects_fails_at_start_with_the_reason(tmp_path):
+    """SeaweedFS answers listings before it can store anything (with no free volume it never can);
+    start() stores, reads back and deletes a probe object, and stops the server when that fails."""
+
+    class ReadOnly(S3Service):  # its only identity may read and list but not write
+        def command(self):
+            cmd = super().command()
+            config = self.root / "s3-identities.json"
+            identities = json.loads(config.read_text())
+            identities["identities"][0]["actions"] = ["Read", "List"]
+            config.write_text(json.dumps(identities))
+            return cmd
+
+    server = ReadOnly(tmp_path / "ro")
+    with pytest.raises(ServiceError, match=r"cannot store objects in bucket 'cliplab': .*AccessDenied.*MiB free"):
+        server.start()
+    assert server.proc is None and not port_open(server.port)
+
+
+def test_free_ports_are_distinct_and_avoid_the_given_ones():
+    from cliplab.services.base import free_ports
+
+    taken = free_ports(1)[0]
+    ports = free_ports(40, avoid=(taken,))
+    assert len(ports) == len(set(ports)) == 40 and taken not in ports
 
 
 def test_port_in_use_is_a_clear_error(s3_server, tmp_path):

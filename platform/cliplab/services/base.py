@@ -6,6 +6,7 @@ children too) and write their output to ``ROOT/service.log``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,9 +21,18 @@ from cliplab.errors import ServiceError
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1, none of them in ``avoid`` (ports already
+    promised to the same service). Every socket stays bound until all are picked, so the kernel
+    cannot hand out one port twice, as ``n`` calls of :func:`free_port` may."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n + len(avoid))]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [p for p in (s.getsockname()[1] for s in socks) if p not in avoid][:n]
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
@@ -66,6 +76,10 @@ class Service:
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
 
+    def check_ready(self) -> None:
+        """Called once the service is healthy: raise :class:`ServiceError` if it answers but
+        cannot do its job (the service is then stopped)."""
+
     # lifecycle ---------------------------------------------------------------------------
     @property
     def log_path(self) -> Path:
@@ -93,6 +107,11 @@ class Service:
                     self.stop()  # reap any children it left
                     break
                 if self.healthy():
+                    try:
+                        self.check_ready()
+                    except BaseException:
+                        self.stop()
+                        raise
                     return self
                 time.sleep(0.25)
             else:

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from cliplab.errors import ServiceError
-from cliplab.services.base import Service, free_port, port_open, venv_binary
+from cliplab.services.base import Service, free_ports, port_open, venv_binary
 
 
 class RayService(Service):
@@ -20,7 +20,7 @@ class RayService(Service):
     def __init__(self, root: Path, port: int | None = None, dashboard_port: int | None = None,
                  num_cpus: int | None = None) -> None:
         super().__init__(root, port)
-        self.dashboard_port = dashboard_port or free_port()
+        self.dashboard_port = dashboard_port or free_ports(1, avoid=(self.port,))[0]
         self.num_cpus = num_cpus or os.cpu_count() or 1
         # Ray's unix socket paths must stay short: keep its temp dir under /tmp
         self.temp_dir = Path(tempfile.gettempdir()) / f"cliplab-ray-{self.port}"
@@ -34,9 +34,10 @@ class RayService(Service):
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def command(self) -> list[str]:
-        ports = {f"--{flag}": str(free_port()) for flag in (
-            "object-manager-port", "node-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
+        flags = ("object-manager-port", "node-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+        picked = free_ports(len(flags), avoid=(self.port, self.dashboard_port))
+        ports = {f"--{flag}": str(port) for flag, port in zip(flags, picked, strict=True)}
         return [venv_binary("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                 "--port", str(self.port), "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from cliplab.services.base import Service, free_port, venv_binary
+from cliplab.errors import ServiceError
+from cliplab.services.base import Service, free_ports, venv_binary
 
 # every listener weed mini opens; each gets its own free port so instances can coexist
 _PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "admin.port",
                "admin.port.grpc", "webdav.port", "metricsPort", "debug.port", "s3.metricsPort", "s3.debug.port")
+# weed mini sizes volumes from the disk's total size (1 GiB on a large disk) and offers no volume
+# at all when less than that is free, so every write then fails. 128 MiB (its documented default)
+# keeps a small local server writable on a nearly full disk; objects larger than this are chunked.
+VOLUME_SIZE_MB = 128
+_PROBE_KEY = ".cliplab-write-probe"
 
 
 class S3Service(Service):
@@ -40,8 +47,9 @@ class S3Service(Service):
         config.chmod(0o600)
         cmd = [venv_binary("weed"), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-master.telemetry=false", "-admin.ui=false", "-webdav=false", f"-s3.config={config}",
-               f"-s3.port={self.port}"]
-        cmd += [f"-{flag}={free_port()}" for flag in _PORT_FLAGS]
+               f"-s3.port={self.port}", f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}"]
+        ports = free_ports(len(_PORT_FLAGS), avoid=(self.port,))
+        cmd += [f"-{flag}={port}" for flag, port in zip(_PORT_FLAGS, ports, strict=True)]
         if self.buckets:
             cmd.append(f"-bucket={','.join(self.buckets)}")
         (self.root / "data").mkdir(parents=True, exist_ok=True)
@@ -61,6 +69,32 @@ class S3Service(Service):
         except Exception:
             return False
         return set(self.buckets) <= names
+
+    def check_ready(self) -> None:
+        """Store, read back and delete a small object: SeaweedFS answers listings before it can
+        store anything, and with no writable volume every upload fails after a timeout."""
+        if not self.buckets:
+            return
+        bucket, body = self.buckets[0], b"cliplab write probe"
+        client = self.client()
+        try:
+            client.put_object(Bucket=bucket, Key=_PROBE_KEY, Body=body)
+            stored = client.get_object(Bucket=bucket, Key=_PROBE_KEY)["Body"].read()
+            client.delete_object(Bucket=bucket, Key=_PROBE_KEY)
+        except Exception as err:  # botocore raises many types; the message is what helps
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ServiceError(f"{self.name} answers on {self.endpoint} but cannot store objects in bucket "
+                               f"'{bucket}': {reason}. {self._disk_note()} (log: {self.log_path})") from None
+        if stored != body:
+            raise ServiceError(f"{self.name} returned {len(stored)} bytes for a {len(body)}-byte object; "
+                               f"see {self.log_path}")
+
+    def _disk_note(self) -> str:
+        free_mib = shutil.disk_usage(self.root).free / 2**20
+        text = f"The disk holding {self.root} has {free_mib:,.0f} MiB free"
+        if free_mib < 4 * VOLUME_SIZE_MB:
+            return text + f"; SeaweedFS needs {VOLUME_SIZE_MB} MiB per volume, so free some disk space."
+        return text + "."
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
