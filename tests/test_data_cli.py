@@ -1,10 +1,12 @@
 """`cliplab data build --upload` and `cliplab data inspect`, against the real S3 server."""
 
 import json
+import os
 
 import pytest
 from PIL import Image
 
+from netfaults import CuttingProxy
 from test_data_faults import build_faulty_shards
 
 pytestmark = [pytest.mark.s3]
@@ -31,6 +33,29 @@ def test_build_uploads_and_inspect_reads_it_back_from_s3(tmp_path, s3_server, em
                                               "512-1023px": 1, "1024-2047px": 0, ">=2048px": 0}
     assert report["caption_words"]["min"] == report["caption_words"]["max"] == 5
     assert len(report["examples"]) == 3 and report["examples"][0]["shard"].startswith("s3://cliplab/built/train/")
+
+
+def test_an_upload_cut_off_mid_request_fails_loudly_and_names_the_file(tmp_path, s3_server, capsys, monkeypatch):
+    """pyarrow's copy_files only logs a failed part upload and returns; a lost shard must be an error."""
+    from cliplab.cli.main import main
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    src = tmp_path / "shards"
+    src.mkdir()
+    for name in ("a.tar", "b.tar", "c.tar"):
+        (src / name).write_bytes(os.urandom(300_000))
+    with CuttingProxy(s3_server.port, b"PUT /cliplab/cut/b.tar") as proxy:
+        code = main(["data", "upload", str(src), "s3://cliplab/cut", "--endpoint-url", proxy.endpoint])
+    err = capsys.readouterr().err
+    assert proxy.cuts >= 1 and code == 2, err
+    assert "dropped or stalled a transfer under s3://cliplab/cut" in err and "b.tar" in err
+    listing = s3_server.client().list_objects_v2(Bucket="cliplab", Prefix="cut/")
+    assert "cut/b.tar" not in {o["Key"] for o in listing.get("Contents", [])}
+
+    assert main(["data", "upload", str(src), "s3://cliplab/cut", "--endpoint-url", s3_server.endpoint]) == 0
+    listing = s3_server.client().list_objects_v2(Bucket="cliplab", Prefix="cut/")
+    assert {o["Key"]: o["Size"] for o in listing["Contents"]} == {f"cut/{n}": 300_000 for n in ("a.tar", "b.tar", "c.tar")}
 
 
 def test_inspect_counts_bad_samples_by_reason(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The trainer on a real Ray cluster: a worker SIGKILLed mid-run, and `cliplab train --resume`."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import experiment
+from netfaults import CuttingProxy
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.mlflow, pytest.mark.slow]
 
@@ -195,3 +197,25 @@ def test_checkpoints_on_s3_keep_top_k_resume_and_register(tmp_path, s3_server, m
     assert wrong.returncode == 2 and "S3 rejected the credentials for s3://cliplab/runs/on-s3" in wrong.stderr, \
         wrong.stderr[-2000:]
     assert "Traceback" not in wrong.stderr
+
+
+def test_a_checkpoint_upload_cut_off_fails_the_run_instead_of_losing_the_checkpoint(tmp_path, s3_server, mlflow_server,
+                                                                                    ray_cluster):
+    """Ray's default checkpoint upload (pyarrow's copy_files) only logs a failed S3 part upload,
+    so the run 'succeeded' without its checkpoint. With the trainer's upload, the worker fails."""
+    from cliplab.errors import TrainingError
+    from cliplab.train.checkpoint import latest_in_storage
+    from cliplab.train.launch import run_training
+
+    with CuttingProxy(s3_server.port, rb"PUT /cliplab/runs/cut-off/checkpoint_[^/ ]+/model\.pt") as proxy:
+        cfg = experiment(tmp_path, s3_server, mlflow_server, storage_path="s3://cliplab/runs",
+                         **{"data.s3.endpoint_url": proxy.endpoint, "train.num_workers": 1, "train.max_steps": 2,
+                            "train.checkpoint_every": 2, "train.max_failures": 0, "train.eval_every_epoch": False})
+        with pytest.raises(TrainingError) as failed:
+            run_training(cfg, name="cut-off")
+    message = str(failed.value)
+    assert proxy.cuts >= 1 and "\n" not in message, message
+    assert re.search(r"rank 0: OSError: When uploading part for key 'runs/cut-off/checkpoint_[^/]+/model.pt'.*"
+                     r"Empty reply from server", message), message
+    assert "cliplab train --resume cut-off --storage-path s3://cliplab/runs" in message
+    assert latest_in_storage("s3://cliplab/runs/cut-off") is None  # no checkpoint passes for complete

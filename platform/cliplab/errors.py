@@ -20,3 +20,7 @@ class DataError(CliplabError):
 
 class ServiceError(CliplabError):
     """A local or remote service (S3, MLflow, Ray) could not be started or reached."""
+
+
+class TrainingError(CliplabError):
+    """A training run failed on its workers after ``train.max_failures`` restarts."""

@@ -145,6 +145,10 @@ def _check_bucket(filesystem, bucket: str, endpoint: str) -> None:
 def explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str:
     text = str(err)
     low = text.lower()
+    if any(s in low for s in ("when uploading", "timeout was reached", "empty reply", "operation too slow")):
+        first = text.splitlines()[0][:300]
+        return (f"the S3 endpoint {endpoint} accepted the connection but dropped or stalled a transfer under "
+                f"{url} ({first}): check the server's health and free space, then run the command again")
     if any(s in low for s in ("curl error", "couldn't connect", "connection refused", "timed out",
                               "could not resolve", "connect")):
         return (f"cannot reach the S3 endpoint {endpoint} while opening {url}: is the server "
@@ -167,12 +171,31 @@ def s3_error_message(err: OSError, url: str, s3cfg=None) -> str:
     return explain_s3_error(err, url, bucket, endpoint_url(s3cfg or S3Config()) or "AWS")
 
 
+def put_file(filesystem, local: Path, target: str, chunk_bytes: int = 8 << 20) -> int:
+    """Copy the local file ``local`` to ``target`` on ``filesystem``, check that all of it
+    arrived, and return its size in bytes.
+
+    Not ``pyarrow.fs.copy_files``: when an S3 part upload fails it only logs "Error ignored when
+    destroying file" and returns, so files were lost without an error. Closing the stream
+    ourselves raises instead.
+    """
+    size = local.stat().st_size
+    if filesystem.type_name not in ("s3", "gcs", "abfs"):  # object stores have no folders to create
+        filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+    with open(local, "rb") as src, filesystem.open_output_stream(target) as out:
+        while chunk := src.read(chunk_bytes):
+            out.write(chunk)
+    stored = filesystem.get_file_info(target).size
+    if stored != size:
+        raise OSError(f"{target} holds {stored} bytes after uploading {size} bytes from {local}")
+    return size
+
+
 def upload(local_dir: str | Path, url: str, s3cfg, *, progress: bool = False, workers: int = 8) -> int:
     """Copy every file under ``local_dir`` to ``s3://bucket/prefix/`` (same relative paths), a few
     files at a time, with a progress bar in bytes when ``progress``. Returns the number of files."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pyarrow import fs
     from tqdm import tqdm
 
     if not url.startswith("s3://"):
@@ -185,15 +208,12 @@ def upload(local_dir: str | Path, url: str, s3cfg, *, progress: bool = False, wo
     endpoint = endpoint_url(s3cfg) or "AWS S3"
     bucket = dest.split("/", 1)[0]
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    local = fs.LocalFileSystem()
     try:
         _check_bucket(filesystem, bucket, endpoint)
         with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=f"uploading to {url}",
                   disable=not progress) as bar, ThreadPoolExecutor(max_workers=workers) as pool:
             def copy(p: Path) -> None:
-                target = f"{dest}/{p.relative_to(local_dir).as_posix()}"
-                fs.copy_files(str(p.resolve()), target, source_filesystem=local, destination_filesystem=filesystem)
-                bar.update(p.stat().st_size)
+                bar.update(put_file(filesystem, p, f"{dest}/{p.relative_to(local_dir).as_posix()}"))
 
             list(pool.map(copy, files))
     except OSError as err:

@@ -9,7 +9,7 @@ from typing import Any
 
 from cliplab.config import ExperimentConfig, to_dict
 from cliplab.data.sources import ShardSet, resolve_shards
-from cliplab.errors import DataError
+from cliplab.errors import DataError, TrainingError
 from cliplab.tracking.tracker import check_reachable, tracking_uri
 
 
@@ -159,10 +159,37 @@ def init_ray(address: str | None = None) -> None:
 
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None, name: str | None = None):
-    """``cliplab train``: preflight, then one TorchTrainer run. Returns the Ray Train Result."""
+    """``cliplab train``: preflight, then one TorchTrainer run. Returns the Ray Train Result;
+    raises :class:`TrainingError` when the workers fail for good."""
+    from ray.train import TrainingFailedError
+
     prep = preflight(cfg)
     init_ray(address)
     datasets = build_datasets(prep)
     steps = steps_per_epoch(cfg, prep.train)
-    trainer = build_trainer(prep, name=name or unique_name(cfg.name), datasets=datasets, steps=steps)
-    return trainer.fit()
+    name = name or unique_name(cfg.name)
+    trainer = build_trainer(prep, name=name, datasets=datasets, steps=steps)
+    try:
+        return trainer.fit()
+    except TrainingFailedError as err:
+        raise TrainingError(f"run '{name}' failed after {cfg.train.max_failures} restart(s): {failure_summary(err)}. "
+                            f"Once that is fixed, continue from its last complete checkpoint with `cliplab train "
+                            f"--resume {name} --storage-path {cfg.storage_path}` (worker logs: Ray dashboard)") from None
+
+
+def failure_summary(err: BaseException) -> str:
+    """One line per failed rank: the exception that ended it (not Ray's traceback snippet)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if not failures:
+        cause = getattr(err, "controller_failure", None) or err
+        return f"{type(cause).__name__}: {_last_line(cause)}"
+    parts = []
+    for rank, exc in sorted(failures.items()):
+        cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the worker's own exception
+        parts.append(f"rank {rank}: {type(cause).__name__}: {_last_line(cause)}")
+    return "; ".join(parts)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else ""

@@ -22,6 +22,25 @@ from cliplab.train.metering import Throughput, count_flops
 from cliplab.train.step import NonFiniteGuard, build_optimizer, configure_device, cosine_with_warmup, train_step, unwrap
 
 
+def _persist_checkpoint(checkpoint, dir_name: str):
+    """Ray Train's ``checkpoint_upload_fn``: copy the checkpoint's files into the run's storage
+    with :func:`~cliplab.data.sources.put_file`, which raises when a file does not arrive whole.
+    Ray's default upload (pyarrow's ``copy_files``) only logs a failed S3 part upload, so a lost
+    checkpoint was reported as saved; now the worker fails and ``train.max_failures`` applies.
+    The ``COMPLETE`` marker goes last, so a checkpoint cut off mid-upload never looks complete."""
+    import ray.train
+
+    from cliplab.data.sources import put_file
+
+    storage = ray.train.get_context().get_storage()  # Ray's DeveloperAPI: the run's filesystem and paths
+    dest = storage.build_checkpoint_path_from_name(dir_name)
+    local = Path(checkpoint.path)
+    storage.storage_filesystem.create_dir(dest)  # as Ray's own upload does
+    for path in sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == ckpt.MARKER, str(p))):
+        put_file(storage.storage_filesystem, path, f"{dest}/{path.relative_to(local).as_posix()}")
+    return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+
 def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
     import ray.train
 
@@ -123,7 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
                                      cfg=cfg, extra={"mlflow_run_id": getattr(tracker, "run_id", None),
                                                      "data_position": position})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=_persist_checkpoint)
         last_checkpoint_time = time.monotonic()
 
     def checkpoint_due() -> bool:

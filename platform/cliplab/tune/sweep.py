@@ -210,14 +210,12 @@ def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict,
 
 def _upload(local_root: Path, files, folder: str, s3cfg) -> None:
     """Copy ``files`` (under ``local_root``) to ``folder`` on its storage, keeping their layout."""
-    from pyarrow import fs
-
+    from cliplab.data.sources import put_file
     from cliplab.train.checkpoint import run_storage
 
     filesystem, root = run_storage(folder, s3cfg)
     for local in files:
-        rel = Path(local).relative_to(local_root).as_posix()
-        fs.copy_files(str(local), f"{root}/{rel}", destination_filesystem=filesystem)
+        put_file(filesystem, Path(local), f"{root}/{Path(local).relative_to(local_root).as_posix()}")
 
 
 def _trial_name(trial) -> str:
@@ -326,7 +324,12 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     out = Path(".cliplab/sweeps") / sweep.name if remote else Path(path)
     files = report.write_results(sweep, rows, curves, out)
     if remote:  # also beside the sweep's Tune state in the bucket
-        _upload(out, files.values(), path, sweep.base.data.s3)
+        try:
+            _upload(out, files.values(), path, sweep.base.data.s3)
+        except OSError as err:
+            from cliplab.data.sources import s3_error_message
+
+            errors.append(f"results kept only in {out}: {s3_error_message(err, path, sweep.base.data.s3)}")
     registered = None
     if best is not None and register and sweep.register_as:
         from cliplab.tune.promote import register_and_promote
