@@ -23,7 +23,9 @@ def _pids_alive(pid: int) -> bool:
 
 
 @pytest.mark.s3
-def test_s3_two_instances_credentials_and_clean_stop(s3_server, tmp_path):
+def test_s3_two_instances_credentials_and_clean_stop(s3_server, tmp_path, monkeypatch):
+    for key, value in s3_server.env().items():  # the first server's keys in the caller's environment
+        monkeypatch.setenv(key, value)
     with S3Service(tmp_path / "second", buckets=("other",), access_key="k2", secret_key="s2") as second:
         assert second.port != s3_server.port and second.healthy() and s3_server.healthy()
         client = second.client()
@@ -33,6 +35,10 @@ def test_s3_two_instances_credentials_and_clean_stop(s3_server, tmp_path):
                              aws_secret_access_key="wrong", region_name="us-east-1")
         with pytest.raises(ClientError):
             wrong.list_buckets()
+        other = boto3.client("s3", endpoint_url=second.endpoint, aws_access_key_id=s3_server.access_key,
+                             aws_secret_access_key=s3_server.secret_key, region_name="us-east-1")
+        with pytest.raises(ClientError):  # weed mini would make them an admin identity if it saw them
+            other.list_buckets()
         pid, port = second.proc.pid, second.port
     assert not _pids_alive(pid)
     assert not port_open(port)
@@ -89,6 +95,22 @@ def test_an_s3_server_that_cannot_store_objects_fails_at_start_with_the_reason(t
     with pytest.raises(ServiceError, match=r"cannot store objects in bucket 'cliplab': .*AccessDenied.*MiB free"):
         server.start()
     assert server.proc is None and not port_open(server.port)
+
+
+def test_the_s3_start_error_says_how_much_disk_to_free(tmp_path, monkeypatch):
+    """Measured with a loop-mounted 100 GiB ext4: 900 MiB free gives SeaweedFS no volume (under
+    1% of the disk), 1,300 MiB gives ten. The note names the shortfall, and only when there is one."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    server = S3Service(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(100 * 2**30, 0, 900 * 2**20))
+    assert server._disk_note().endswith("has 900 MiB free; SeaweedFS stores nothing with less than 1% of the disk "
+                                        "(1,024 MiB) free and needs 128 MiB per volume: free at least 252 MiB, "
+                                        "or start it on another disk.")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(100 * 2**30, 0, 1300 * 2**20))
+    assert server._disk_note().endswith("has 1,300 MiB free.")
 
 
 def test_free_ports_are_distinct_and_avoid_the_given_ones():

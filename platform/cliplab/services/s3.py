@@ -13,10 +13,12 @@ from cliplab.services.base import Service, free_ports, venv_binary
 _PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "admin.port",
                "admin.port.grpc", "webdav.port", "metricsPort", "debug.port", "s3.metricsPort", "s3.debug.port")
-# weed mini sizes volumes from the disk's total size (1 GiB on a large disk) and offers no volume
-# at all when less than that is free, so every write then fails. 128 MiB (its documented default)
-# keeps a small local server writable on a nearly full disk; objects larger than this are chunked.
+# weed mini offers no volume at all when less than 1% of the disk is free (measured: 900 MiB free
+# of 100 GiB gives none, 1,300 MiB gives 10), and otherwise free space / volume size; with none,
+# listings work but every write times out. It sizes volumes from the disk (1 GiB on a 252 GB
+# disk); 128 MiB, its documented default, needs the least. Larger objects are chunked.
 VOLUME_SIZE_MB = 128
+RESERVED_FRACTION = 0.01
 _PROBE_KEY = ".cliplab-write-probe"
 
 
@@ -55,6 +57,12 @@ class S3Service(Service):
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         return cmd
 
+    def environment(self) -> dict[str, str]:
+        """Without the caller's AWS credentials: weed mini makes any it finds in its environment
+        an admin identity, so a user's real keys (or another server's) would be accepted here."""
+        drop = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+        return {k: v for k, v in super().environment().items() if k not in drop}
+
     def client(self):
         import boto3
         from botocore.config import Config
@@ -90,10 +98,13 @@ class S3Service(Service):
                                f"see {self.log_path}")
 
     def _disk_note(self) -> str:
-        free_mib = shutil.disk_usage(self.root).free / 2**20
+        usage = shutil.disk_usage(self.root)
+        free_mib, reserved_mib = usage.free / 2**20, RESERVED_FRACTION * usage.total / 2**20
         text = f"The disk holding {self.root} has {free_mib:,.0f} MiB free"
-        if free_mib < 4 * VOLUME_SIZE_MB:
-            return text + f"; SeaweedFS needs {VOLUME_SIZE_MB} MiB per volume, so free some disk space."
+        if free_mib < reserved_mib + VOLUME_SIZE_MB:
+            return (text + f"; SeaweedFS stores nothing with less than 1% of the disk ({reserved_mib:,.0f} MiB) "
+                    f"free and needs {VOLUME_SIZE_MB} MiB per volume: free at least "
+                    f"{reserved_mib + VOLUME_SIZE_MB - free_mib:,.0f} MiB, or start it on another disk.")
         return text + "."
 
     def env(self) -> dict[str, str]:
