@@ -171,6 +171,9 @@ def s3_error_message(err: OSError, url: str, s3cfg=None) -> str:
     return explain_s3_error(err, url, bucket, endpoint_url(s3cfg or S3Config()) or "AWS")
 
 
+OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow filesystem type names
+
+
 def put_file(filesystem, local: Path, target: str, chunk_bytes: int = 8 << 20) -> int:
     """Copy the local file ``local`` to ``target`` on ``filesystem``, check that all of it
     arrived, and return its size in bytes.
@@ -180,7 +183,7 @@ def put_file(filesystem, local: Path, target: str, chunk_bytes: int = 8 << 20) -
     ourselves raises instead.
     """
     size = local.stat().st_size
-    if filesystem.type_name not in ("s3", "gcs", "abfs"):  # object stores have no folders to create
+    if filesystem.type_name not in OBJECT_STORES:  # these have no folders to create
         filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
     with open(local, "rb") as src, filesystem.open_output_stream(target) as out:
         while chunk := src.read(chunk_bytes):

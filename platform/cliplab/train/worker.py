@@ -23,16 +23,20 @@ from cliplab.train.step import NonFiniteGuard, build_optimizer, configure_device
 
 
 def _persist_checkpoint(checkpoint, dir_name: str):
-    """Ray Train's ``checkpoint_upload_fn``: copy the checkpoint's files into the run's storage
-    with :func:`~cliplab.data.sources.put_file`, which raises when a file does not arrive whole.
+    """Ray Train's ``checkpoint_upload_fn``: on an object store, copy the checkpoint's files with
+    :func:`~cliplab.data.sources.put_file`, which raises when a file does not arrive whole.
     Ray's default upload (pyarrow's ``copy_files``) only logs a failed S3 part upload, so a lost
     checkpoint was reported as saved; now the worker fails and ``train.max_failures`` applies.
     The ``COMPLETE`` marker goes last, so a checkpoint cut off mid-upload never looks complete."""
     import ray.train
 
-    from cliplab.data.sources import put_file
+    from cliplab.data.sources import OBJECT_STORES, put_file
 
     storage = ray.train.get_context().get_storage()  # Ray's DeveloperAPI: the run's filesystem and paths
+    if storage.storage_filesystem.type_name not in OBJECT_STORES:
+        # a local or shared folder: write errors raise there, and Ray's own copy also checks that
+        # this worker sees the driver's folder (a local path on a multi-node cluster would not)
+        return storage.persist_current_checkpoint(checkpoint, dir_name)
     dest = storage.build_checkpoint_path_from_name(dir_name)
     local = Path(checkpoint.path)
     storage.storage_filesystem.create_dir(dest)  # as Ray's own upload does
