@@ -58,8 +58,9 @@ class S3Service(Service):
         return cmd
 
     def environment(self) -> dict[str, str]:
-        """Without the caller's AWS credentials: weed mini makes any it finds in its environment
-        an admin identity, so a user's real keys (or another server's) would be accepted here."""
+        """Without the caller's AWS credentials: weed mini accepts any it finds in its environment
+        as an identity that may write (tested), so a user's real keys, or another server's, would
+        work here."""
         drop = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
         return {k: v for k, v in super().environment().items() if k not in drop}
 
