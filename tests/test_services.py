@@ -92,9 +92,12 @@ def test_an_s3_server_that_cannot_store_objects_fails_at_start_with_the_reason(t
             return cmd
 
     server = ReadOnly(tmp_path / "ro")
-    with pytest.raises(ServiceError, match=r"cannot store objects in bucket 'cliplab': .*AccessDenied.*MiB free"):
-        server.start()
-    assert server.proc is None and not port_open(server.port)
+    try:
+        with pytest.raises(ServiceError, match=r"cannot store objects in bucket 'cliplab': .*AccessDenied.*MiB free"):
+            server.start()
+        assert server.proc is None and not port_open(server.port)
+    finally:
+        server.stop()  # only matters when the test fails: no weed left running
 
 
 def test_the_s3_start_error_says_how_much_disk_to_free(tmp_path, monkeypatch):

@@ -302,7 +302,7 @@ np.savez(sys.argv[2], image=np.array(out["image_embedding"].tolist()), text=np.a
 """
     arg = json.dumps([base64.b64encode(b).decode() for b in images])
     proc = subprocess.run([sys.executable, "-c", script, arg, str(tmp_path / "out.npz")], capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=180, env={**os.environ, "TMPDIR": str(tmp_path)})  # mlflow leaves its download there
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(tmp_path / "out.npz")
     ref_img, ref_txt, _, module = _reference_embeddings(ckpt, images, texts)
@@ -343,7 +343,8 @@ def test_mlflow_models_serve_answers_http_on_localhost(registered, mlflow_server
     ckpt, _ = registered
     port = free_port()
     bindir = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH, as in an activated venv
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PATH": f"{bindir}:{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path)}  # mlflow downloads the model to a temporary folder it never deletes
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve",
                              "-m", "models:/tracking-test@champion", "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
