@@ -181,7 +181,7 @@ def test_checkpoints_on_s3_keep_top_k_resume_and_register(tmp_path, s3_server, m
 
     register_checkpoint(path, "s3-storage-test", "champion", uri=mlflow_server.uri, filesystem=filesystem)
     mlflow.set_tracking_uri(mlflow_server.uri)
-    served = mlflow.pyfunc.load_model("models:/s3-storage-test@champion", dst_path=str(tmp_path / "served")) \
+    served = mlflow.pyfunc.load_model("models:/s3-storage-test@champion", dst_path=str(tmp_path)) \
         .predict(pd.DataFrame({"text": ["red apple"]}))
     loaded = load_model("s3://cliplab/runs/on-s3")  # cliplab eval --model: the run's latest checkpoint on S3
     with torch.no_grad():
