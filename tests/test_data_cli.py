@@ -77,3 +77,19 @@ def test_data_commands_have_help(capsys):
         with pytest.raises(SystemExit):
             main(["data", command, "--help"])
         assert "usage: cliplab data " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("When uploading part for key 'p/b.tar' in bucket 'b': AWS Error NETWORK_CONNECTION during UploadPart operation: "
+     "curlCode: 52, Server returned nothing (no headers, no data)", "dropped or stalled a transfer under s3://b/p"),
+    ("When uploading part for key 'p/b.tar' in bucket 'b': AWS Error ACCESS_DENIED during UploadPart operation",
+     "S3 rejected the credentials for s3://b/p"),
+    ("When listing objects under key 'p' in bucket 'b': AWS Error NETWORK_CONNECTION during ListObjectsV2 "
+     "operation: curlCode: 7, Couldn't connect to server", "cannot reach the S3 endpoint"),
+])
+def test_s3_errors_are_explained_by_what_went_wrong(text, expected):
+    """pyarrow's messages, as SeaweedFS and curl produce them: a transfer the server dropped, a
+    credential refused mid-upload (not a network fault), and a server that is not there."""
+    from cliplab.data.sources import explain_s3_error
+
+    assert expected in explain_s3_error(OSError(text), "s3://b/p", "b", "http://127.0.0.1:9")

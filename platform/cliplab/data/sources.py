@@ -145,6 +145,11 @@ def _check_bucket(filesystem, bucket: str, endpoint: str) -> None:
 def explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str:
     text = str(err)
     low = text.lower()
+    squeezed = low.replace("_", "").replace(" ", "")  # AWS codes come as AccessDenied or ACCESS_DENIED
+    if any(s in squeezed for s in ("accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch")) \
+            or re.search(r"\b403\b", low):
+        return (f"S3 rejected the credentials for {url} at {endpoint}: check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
     if any(s in low for s in ("when uploading", "timeout was reached", "empty reply", "operation too slow")):
         first = text.splitlines()[0][:300]
         return (f"the S3 endpoint {endpoint} accepted the connection but dropped or stalled a transfer under "
@@ -153,11 +158,6 @@ def explain_s3_error(err: OSError, url: str, bucket: str, endpoint: str) -> str:
                               "could not resolve", "connect")):
         return (f"cannot reach the S3 endpoint {endpoint} while opening {url}: is the server "
                 "running? Set data.s3.endpoint_url or AWS_ENDPOINT_URL")
-    squeezed = low.replace("_", "").replace(" ", "")  # AWS codes come as AccessDenied or ACCESS_DENIED
-    if any(s in squeezed for s in ("accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch")) \
-            or re.search(r"\b403\b", low):
-        return (f"S3 rejected the credentials for {url} at {endpoint}: check AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
     if "nosuchbucket" in squeezed or ("bucket" in low and "not" in low):
         return f"S3 bucket '{bucket}' does not exist at {endpoint}"
     return f"S3 error opening {url} at {endpoint}: {text.splitlines()[0] if text else type(err).__name__}"
@@ -183,7 +183,7 @@ def put_file(filesystem, local: Path, target: str, chunk_bytes: int = 8 << 20) -
     ourselves raises instead.
     """
     size = local.stat().st_size
-    if filesystem.type_name not in OBJECT_STORES:  # these have no folders to create
+    if filesystem.type_name not in OBJECT_STORES and "/" in target:  # object stores have no folders to create
         filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
     with open(local, "rb") as src, filesystem.open_output_stream(target) as out:
         while chunk := src.read(chunk_bytes):
