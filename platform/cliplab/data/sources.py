@@ -175,16 +175,14 @@ OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow filesystem type names
 
 
 def put_file(filesystem, local: Path, target: str, chunk_bytes: int = 8 << 20) -> int:
-    """Copy the local file ``local`` to ``target`` on ``filesystem``, check that all of it
-    arrived, and return its size in bytes.
+    """Copy the local file ``local`` to ``target`` on ``filesystem`` (an object store: there are
+    no folders to create), check that all of it arrived, and return its size in bytes.
 
     Not ``pyarrow.fs.copy_files``: when an S3 part upload fails it only logs "Error ignored when
     destroying file" and returns, so files were lost without an error. Closing the stream
     ourselves raises instead.
     """
     size = local.stat().st_size
-    if filesystem.type_name not in OBJECT_STORES and "/" in target:  # object stores have no folders to create
-        filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
     with open(local, "rb") as src, filesystem.open_output_stream(target) as out:
         while chunk := src.read(chunk_bytes):
             out.write(chunk)
@@ -192,6 +190,12 @@ def put_file(filesystem, local: Path, target: str, chunk_bytes: int = 8 << 20) -
     if stored != size:
         raise OSError(f"{target} holds {stored} bytes after uploading {size} bytes from {local}")
     return size
+
+
+def put_files(filesystem, local_root: Path, files, dest: str) -> int:
+    """:func:`put_file` for each of ``files`` (under ``local_root``), in the given order, to the
+    same relative paths under ``dest``. Returns the bytes copied."""
+    return sum(put_file(filesystem, Path(f), f"{dest}/{Path(f).relative_to(local_root).as_posix()}") for f in files)
 
 
 def upload(local_dir: str | Path, url: str, s3cfg, *, progress: bool = False, workers: int = 8) -> int:
@@ -215,10 +219,7 @@ def upload(local_dir: str | Path, url: str, s3cfg, *, progress: bool = False, wo
         _check_bucket(filesystem, bucket, endpoint)
         with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=f"uploading to {url}",
                   disable=not progress) as bar, ThreadPoolExecutor(max_workers=workers) as pool:
-            def copy(p: Path) -> None:
-                bar.update(put_file(filesystem, p, f"{dest}/{p.relative_to(local_dir).as_posix()}"))
-
-            list(pool.map(copy, files))
+            list(pool.map(lambda p: bar.update(put_files(filesystem, local_dir, [p], dest)), files))
     except OSError as err:
         raise DataError(explain_s3_error(err, url, bucket, endpoint)) from None
     return len(files)

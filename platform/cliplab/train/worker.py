@@ -30,7 +30,7 @@ def _persist_checkpoint(checkpoint, dir_name: str):
     The ``COMPLETE`` marker goes last, so a checkpoint cut off mid-upload never looks complete."""
     import ray.train
 
-    from cliplab.data.sources import OBJECT_STORES, put_file
+    from cliplab.data.sources import OBJECT_STORES, put_files
 
     storage = ray.train.get_context().get_storage()  # Ray's DeveloperAPI: the run's filesystem and paths
     if storage.storage_filesystem.type_name not in OBJECT_STORES:
@@ -40,8 +40,8 @@ def _persist_checkpoint(checkpoint, dir_name: str):
     dest = storage.build_checkpoint_path_from_name(dir_name)
     local = Path(checkpoint.path)
     storage.storage_filesystem.create_dir(dest)  # as Ray's own upload does
-    for path in sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == ckpt.MARKER, str(p))):
-        put_file(storage.storage_filesystem, path, f"{dest}/{path.relative_to(local).as_posix()}")
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == ckpt.MARKER, str(p)))
+    put_files(storage.storage_filesystem, local, files, dest)
     return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
 
 

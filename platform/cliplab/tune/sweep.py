@@ -210,12 +210,11 @@ def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict,
 
 def _upload(local_root: Path, files, folder: str, s3cfg) -> None:
     """Copy ``files`` (under ``local_root``) to ``folder`` on its storage, keeping their layout."""
-    from cliplab.data.sources import put_file
+    from cliplab.data.sources import put_files
     from cliplab.train.checkpoint import run_storage
 
     filesystem, root = run_storage(folder, s3cfg)
-    for local in files:
-        put_file(filesystem, Path(local), f"{root}/{Path(local).relative_to(local_root).as_posix()}")
+    put_files(filesystem, local_root, files, root)
 
 
 def _trial_name(trial) -> str:
