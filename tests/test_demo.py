@@ -34,6 +34,5 @@ def test_demo_quick(tmp_path):
     assert re.search(r"MLflow UI: +http://127\.0\.0\.1:\d+", out)
     assert re.search(r"Ray dashboard: http://127\.0\.0\.1:\d+", out)
     assert (tmp_path / "demo" / "data" / "emoji" / "stats.json").is_file()
-    # five short trials take about 4-5 minutes on a 2-core machine (289 s measured, corpus rendering
-    # included); speed is a benchmark's job, so this bound only catches a run that is far off
-    assert elapsed < 540, f"demo --quick took {elapsed:.0f} s"
+    # speed is a benchmark's job (docs/PERFORMANCE.md): the wall time is printed, never asserted
+    print(f"demo --quick took {elapsed:.0f} s")
