@@ -5,6 +5,7 @@ Pretrained weights only ever come from a local file (nothing downloads at run ti
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,42 @@ def freeze_text_tower(model: nn.Module) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); CPU for a module with neither."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def encode_images(model: nn.Module, images) -> torch.Tensor:
+    """Raw image features of a batch (a tensor or an array), moved to ``model``'s device first.
+
+    DDP moves a forward's inputs, but eval, zero-shot prompts and serving reach an encoder
+    directly: every tensor that meets the model goes through here or :func:`encode_texts`."""
+    batch = torch.as_tensor(images).to(model_device(model), non_blocking=True)
+    return model.encode_image(batch, normalize=False)
+
+
+def encode_texts(model: nn.Module, tokenizer: Callable, texts) -> torch.Tensor:
+    """Raw text features of ``texts`` (strings), tokenized and moved to ``model``'s device."""
+    tokens = tokenizer(list(texts)).to(model_device(model), non_blocking=True)
+    return model.encode_text(tokens, normalize=False)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when there is one, else the CPU; ``cpu``; ``cuda`` or ``cuda:N``
+    (a :class:`ConfigError` when no GPU is visible, saying what to pass instead)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not a torch device: pass auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}': no CUDA GPU is visible to this process; pass --device cpu (or auto)")
+    return device
 
 
 class DualEncoder(nn.Module):

@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local", action="store_true", help="embed in this process instead of Ray tasks")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per embedding task (default 0.5)")
+    p.add_argument("--device", default="auto",
+                   help="where this process holds the model and scores: auto (a GPU when one is visible), cpu, "
+                        "cuda[:N] (default auto)")
+    p.add_argument("--gpus-per-task", type=float, default=0.0,
+                   help="GPUs per Ray embedding task, fractional to share one (default 0: CPU tasks)")
     p.add_argument("--tasks", type=int, default=2, help="split shards into chunks until there are this many "
                                                         "tasks per set (default 2)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                       use_ray=not args.local, num_cpus=args.num_cpus, min_tasks=args.tasks,
                       batch_size=args.batch_size, templates=args.templates, lenses=not args.no_lenses,
                       traversals=args.traversals, traversal_entailment=not args.traversal_nearest, s3cfg=S3Config(endpoint_url=args.endpoint_url),
-                      progress=not args.quiet, on_result=show)
+                      progress=not args.quiet, device=args.device, num_gpus=args.gpus_per_task,
+                      on_result=show)
     print(f"report: {report['files'][0]} and {report['files'][1]}")
     if "mlflow_run_id" in report:
         print(f"logged to MLflow run {report['mlflow_run_id']} (experiment {args.experiment})")

@@ -6,6 +6,12 @@
 - :mod:`cliplab.eval.runner`: ``cliplab eval`` (model loading, eval sets, Ray embedding, reports).
 """
 
-from cliplab.eval.metrics import evaluate_embeddings, retrieval_metrics, zero_shot_accuracy, zero_shot_report
+from cliplab.eval.metrics import (
+    evaluate_embeddings,
+    evaluate_module,
+    retrieval_metrics,
+    zero_shot_accuracy,
+    zero_shot_report,
+)
 
-__all__ = ["evaluate_embeddings", "retrieval_metrics", "zero_shot_accuracy", "zero_shot_report"]
+__all__ = ["evaluate_embeddings", "evaluate_module", "retrieval_metrics", "zero_shot_accuracy", "zero_shot_report"]

@@ -98,3 +98,17 @@ def evaluate_embeddings(
                          labels=labels if zero_shot else None, classnames=classnames if zero_shot else None,
                          encode_texts=encode_texts, templates=templates)
     return {f"val/{k}": v for k, v in out.items()}
+
+
+def evaluate_module(module, tokenizer: Callable, batches: Iterable[dict], templates: Sequence[str], *,
+                    lenses: bool = True) -> dict[str, float]:
+    """:func:`evaluate_embeddings` of a :class:`cliplab.models.DualEncoder` (unwrapped from DDP)
+    in eval mode: every batch and prompt moves to the module's device before it meets an encoder
+    (DDP's own input move never runs here), and the scoring happens on that device."""
+    from cliplab.models import encode_images, encode_texts
+
+    module.eval()
+    return evaluate_embeddings(lambda images: encode_images(module.model, images),
+                               lambda texts: encode_texts(module.model, tokenizer, texts),
+                               module.objective, batches, templates, lenses=lenses)
+

@@ -57,12 +57,20 @@ class LoadedModel:
     def objective(self):
         return self.module.objective
 
+    @property
+    def device(self) -> torch.device:
+        from cliplab.models import model_device
+
+        return model_device(self.module)
+
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Raw (unnormalised) text features."""
-        out = [self.module.model.encode_text(self.bundle.tokenizer(texts[i:i + batch_size]), normalize=False)
+        """Raw (unnormalised) text features, on the model's device."""
+        from cliplab.models import encode_texts
+
+        out = [encode_texts(self.module.model, self.bundle.tokenizer, texts[i:i + batch_size])
                for i in range(0, len(texts), batch_size)]
-        return torch.cat(out).float() if out else torch.zeros(0, self.bundle.embed_dim)
+        return torch.cat(out).float() if out else torch.zeros(0, self.bundle.embed_dim, device=self.device)
 
 
 def _load_checkpoint(path: Path, source: str) -> LoadedModel:
@@ -254,10 +262,13 @@ def encode_piece(model, transform, tokenizer, path: str, filesystem, kind: str, 
     """Raw features of the samples ``i`` of one shard with ``i % parts == part``: ``key``,
     ``image`` (n × D float32), and ``target`` (class indices) for a classification set, or
     ``text`` (n × D), ``caption`` and ``meta`` (the JSON) for a retrieval set; ``skipped``
-    counts unusable samples by reason."""
+    counts unusable samples by reason. Batches move to the model's device; features come back
+    to the host."""
     from PIL import Image
 
     keys, targets, captions, metas = [], [], [], []
+    from cliplab.models import encode_images, encode_texts
+
     skipped: Counter = Counter()
     feats_img, feats_txt = [], []
     batch_images: list[torch.Tensor] = []
@@ -265,9 +276,9 @@ def encode_piece(model, transform, tokenizer, path: str, filesystem, kind: str, 
 
     def flush() -> None:
         if batch_images:
-            feats_img.append(model.encode_image(torch.stack(batch_images), normalize=False).float().numpy())
+            feats_img.append(encode_images(model, torch.stack(batch_images)).float().cpu().numpy())
         if batch_captions:
-            feats_txt.append(model.encode_text(tokenizer(batch_captions), normalize=False).float().numpy())
+            feats_txt.append(encode_texts(model, tokenizer, batch_captions).float().cpu().numpy())
         batch_images.clear()
         batch_captions.clear()
 
@@ -336,6 +347,8 @@ def _worker_model(token: str, holder: list) -> tuple:
         bundle.model.load_state_dict(payload["state"])
         bundle.model.eval()
         _WORKER_MODELS.clear()  # one model per worker: an old eval's weights are not kept
+        if torch.cuda.is_available():  # the task was given a GPU (num_gpus > 0): embed there
+            bundle.model.to("cuda")
         _WORKER_MODELS[token] = (bundle.model, bundle.val_transform, bundle.tokenizer)
     return _WORKER_MODELS[token]
 
@@ -364,6 +377,7 @@ def _gather(results: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 def embed_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, num_cpus: float = 0.5,
               min_tasks: int = 2, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+              num_gpus: float = 0.0,
     """Raw features of every sample of ``evalset`` (see :func:`encode_piece`), gathered in shard
     order. With ``use_ray`` each (shard, chunk) piece is a Ray task of ``num_cpus`` CPUs (shards
     are split into chunks until there are ``min_tasks`` pieces); the weights travel once through
@@ -391,7 +405,7 @@ def embed_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, num
                "state": {k: v.detach().cpu() for k, v in model.module.model.state_dict().items()}}
     holder = [ray.put(payload)]  # in a list: tasks fetch it themselves, once per worker
     token = uuid.uuid4().hex
-    task = ray.remote(_encode_task).options(num_cpus=num_cpus, max_retries=1)
+    task = ray.remote(_encode_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     threads = max(1, int(round(num_cpus)))
     refs = [task.remote(token, holder, p, evalset.shards.filesystem, evalset.kind, part, parts, batch_size, threads)
             for p, part in pieces]
@@ -478,6 +492,7 @@ class SetResult:
 
 def evaluate_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, num_cpus: float = 0.5,
                  min_tasks: int = 2, batch_size: int = 64, lenses: bool = True, traversals: int = 200,
+                 num_gpus: float = 0.0,
                  traversal_entailment: bool = True, progress: bool = True) -> SetResult:
     """Embed ``evalset`` (:func:`embed_set`) and score it in the objective's geometry:
     zero-shot (:func:`cliplab.eval.scoring.evaluate_classification`) or retrieval + lenses
@@ -485,7 +500,7 @@ def evaluate_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, 
     from cliplab.eval.scoring import class_embeddings, evaluate_classification, evaluate_pairs
 
     start = time.monotonic()
-    feats = embed_set(model, evalset, use_ray=use_ray, num_cpus=num_cpus, min_tasks=min_tasks,
+    feats = embed_set(model, evalset, use_ray=use_ray, num_cpus=num_cpus, num_gpus=num_gpus, min_tasks=min_tasks,
                       batch_size=batch_size, progress=progress)
     n = len(feats["key"])
     if n < 2:
@@ -493,10 +508,11 @@ def evaluate_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, 
                         "an eval set needs at least 2")
     objective = model.objective
     with torch.no_grad():
-        image_emb = objective.embed(torch.from_numpy(feats["image"]), "image")
+    device = model.device  # the objective's parameters live there: score there
+        image_emb = objective.embed(torch.from_numpy(feats["image"]).to(device), "image")
         examples: list[dict] = []
         if evalset.kind == "classification":
-            targets = torch.from_numpy(feats["target"])
+            targets = torch.from_numpy(feats["target"]).to(device)
             if int(targets.max()) >= len(evalset.classnames):
                 raise DataError(f"--data {evalset.url}: class index {int(targets.max())} but classnames.txt "
                                 f"names {len(evalset.classnames)} classes")
@@ -504,7 +520,7 @@ def evaluate_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, 
             metrics = evaluate_classification(objective, image_emb, targets, class_emb, lenses=lenses)
             metrics["num_templates"] = float(len(evalset.templates))
         else:
-            text_emb = objective.embed(torch.from_numpy(feats["text"]), "text")
+            text_emb = objective.embed(torch.from_numpy(feats["text"]).to(device), "text")
             metrics = evaluate_pairs(objective, image_emb, text_emb, lenses=lenses)
             if traversals and all("group" in m and "subgroup" in m for m in feats["meta"]):
                 extra, examples = traversal_report(model, image_emb, text_emb, feats["caption"], feats["meta"],
@@ -631,22 +647,31 @@ def log_to_mlflow(tracker, report: dict[str, Any], files: Sequence[Path]) -> str
 def run_eval(model_ref: str, data: Sequence[str], *, out_dir: str | Path, tracking_uri: str | None = None,
              experiment: str = "cliplab-eval", use_ray: bool = True, num_cpus: float = 0.5, min_tasks: int = 2,
              batch_size: int = 64, templates: str | None = None, lenses: bool = True, traversals: int = 200,
-             traversal_entailment: bool = True, s3cfg=None, progress: bool = True,
-             on_result: Callable[[SetResult], None] | None = None) -> dict[str, Any]:
+             traversal_entailment: bool = True, s3cfg=None, progress: bool = True, device: str = "auto",
+             num_gpus: float = 0.0, on_result: Callable[[SetResult], None] | None = None) -> dict[str, Any]:
     """``cliplab eval`` as a function: load the model, open every set (all checked before any
     embedding), evaluate them, write the report into ``out_dir`` and, with a tracking URI, log it
-    to MLflow. Returns the report (``report["mlflow_run_id"]`` when logged)."""
+    to MLflow. Returns the report (``report["mlflow_run_id"]`` when logged).
+
+    ``device`` (``auto``: a GPU when this process sees one) holds the model for in-process
+    embedding and the scoring; with Ray, each embedding task asks for ``num_gpus`` GPUs and embeds
+    on its GPU when it gets one."""
+    from cliplab.models import resolve_device
     from cliplab.tracking.tracker import check_reachable
 
     if not data:
         raise ConfigError("nothing to evaluate: pass at least one --data PATH_OR_S3_URL")
     check_reachable(tracking_uri)
+    if num_gpus < 0:
+        raise ConfigError(f"--gpus-per-task must be >= 0, got {num_gpus:g}")
+    target = resolve_device(device)
     sets = [open_eval_set(url, s3cfg, templates=templates) for url in data]
     _unique_names(sets)
     model = load_model(model_ref, tracking_uri)
     results = []
+    model.module.to(target)
     for s in sets:
-        result = evaluate_set(model, s, use_ray=use_ray, num_cpus=num_cpus, min_tasks=min_tasks,
+        result = evaluate_set(model, s, use_ray=use_ray, num_cpus=num_cpus, num_gpus=num_gpus, min_tasks=min_tasks,
                               batch_size=batch_size, lenses=lenses, traversals=traversals,
                               traversal_entailment=traversal_entailment, progress=progress)
         results.append(result)

@@ -24,7 +24,7 @@ class CliplabPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pathlib import Path
 
-        from cliplab.models import DualEncoder, build_model
+        from cliplab.models import DualEncoder, build_model, resolve_device
         from cliplab.objectives import build_objective
         from cliplab.train.checkpoint import load_config, load_weights
 
@@ -34,22 +34,27 @@ class CliplabPyfunc(mlflow.pyfunc.PythonModel):
         self.module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
         load_weights(path, self.module)
         self.module.eval()
+        # a GPU host serves on its GPU: `mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})` opts out
+        self.module.to(resolve_device((getattr(context, "model_config", None) or {}).get("device", "auto")))
         self.bundle = bundle
 
     def embed_images(self, images: list[bytes]):
         import torch
         from PIL import Image
 
+        from cliplab.models import encode_images
+
         batch = torch.stack([self.bundle.val_transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
         with torch.no_grad():
-            return self.module.objective.embed(self.module.model.encode_image(batch, normalize=False), "image")
+            return self.module.objective.embed(encode_images(self.module.model, batch), "image")
 
     def embed_texts(self, texts: list[str]):
         import torch
 
+        from cliplab.models import encode_texts
+
         with torch.no_grad():
-            tokens = self.bundle.tokenizer(texts)
-            return self.module.objective.embed(self.module.model.encode_text(tokens, normalize=False), "text")
+            return self.module.objective.embed(encode_texts(self.module.model, self.bundle.tokenizer, texts), "text")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         # a DataFrame hint: MLflow validates against the logged signature, not the hint
@@ -57,11 +62,11 @@ class CliplabPyfunc(mlflow.pyfunc.PythonModel):
         img = txt = None
         if "image" in model_input:
             img = self.embed_images([_image_bytes(v) for v in model_input["image"]])
-            out["image_embedding"] = [row.tolist() for row in img]
+            out["image_embedding"] = [row.tolist() for row in img.cpu()]
         if "text" in model_input:
             txt = self.embed_texts([str(v) for v in model_input["text"]])
-            out["text_embedding"] = [row.tolist() for row in txt]
+            out["text_embedding"] = [row.tolist() for row in txt.cpu()]
         if img is not None and txt is not None:
             sim = self.module.objective.similarity(img, txt).diagonal()
-            out["similarity"] = sim.tolist()
+            out["similarity"] = sim.cpu().tolist()
         return out

@@ -12,7 +12,7 @@ import torch
 
 from cliplab.config import ExperimentConfig, flatten, from_dict, to_dict
 from cliplab.distributed import DistContext
-from cliplab.eval import evaluate_embeddings
+from cliplab.eval import evaluate_module
 from cliplab.models import DualEncoder, build_model, freeze_text_tower
 from cliplab.objectives import build_objective
 from cliplab.tracking import build_tracker
@@ -51,15 +51,8 @@ def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
     val = ray.train.get_dataset_shard("val") if cfg.data.val else None
     if val is None:
         return {}
-    module = unwrap(model)
-    module.eval()
-
-    def encode_texts(texts):
-        return module.model.encode_text(bundle.tokenizer(texts), normalize=False)
-
     batches = val.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
-    return evaluate_embeddings(lambda im: module.model.encode_image(im, normalize=False),
-                               encode_texts, module.objective, batches, cfg.eval.templates)
+    return evaluate_module(unwrap(model), bundle.tokenizer, batches, cfg.eval.templates)
 
 
 def _device() -> torch.device:
