@@ -59,3 +59,132 @@ class CuttingProxy:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _forward(src: socket.socket, dst: socket.socket) -> None:
+    """Copy bytes one way until either side closes, then close both."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    for s in (src, dst):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+
+class StallingServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers: reads and discards what the client
+    sends and keeps the socket open, like a hung endpoint behind a live load balancer."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._held.append(client)
+            threading.Thread(target=self._drain, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _drain(client: socket.socket) -> None:
+        try:
+            while client.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+        for s in self._held:
+            s.close()
+
+    def __enter__(self) -> StallingServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FailingHttpProxy:
+    """Forwards 127.0.0.1:``port`` to an HTTP server on ``upstream_port``, except while ``failing``
+    is set: then each request is read in full and answered ``status`` with ``body`` (MLflow's JSON
+    error shape by default) and the connection is closed. ``answered`` counts those answers."""
+
+    def __init__(self, upstream_port: int, status: int = 503, body: bytes | None = None,
+                 content_type: str = "application/json") -> None:
+        self.upstream_port, self.status = upstream_port, status
+        self.body = body if body is not None else \
+            b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "(sqlite3.OperationalError) database is locked"}'
+        self.content_type = content_type
+        self.failing = threading.Event()
+        self.failing.set()
+        self.answered = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        if not self.failing.is_set():
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=_forward, args=(upstream, client), daemon=True).start()
+            _forward(client, upstream)
+            return
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            while length and len(body) < int(length[1]):
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            reason = {500: "Internal Server Error", 503: "Service Unavailable", 400: "Bad Request"}.get(self.status, "X")
+            client.sendall(f"HTTP/1.1 {self.status} {reason}\r\nContent-Type: {self.content_type}\r\n"
+                           f"Content-Length: {len(self.body)}\r\nConnection: close\r\n\r\n".encode() + self.body)
+            self.answered += 1
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def __enter__(self) -> FailingHttpProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

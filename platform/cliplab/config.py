@@ -32,6 +32,11 @@ class S3Config:
     region: str = "us-east-1"
     profile: str | None = None
     connect_timeout_s: float = 3.0
+    # a request that receives nothing for this long fails (curl's low-speed limit: an idle timeout,
+    # not a cap on a long transfer); with max_attempts, a stalled endpoint is reported within
+    # max_attempts × request_timeout_s (+ about 1 s), 7 s by default
+    request_timeout_s: float = 3.0
+    max_attempts: int = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,10 @@ class DataConfig:
     cpus_per_task: float = 0.5  # Ray Data read/decode tasks; fractional so they fit beside workers
     caption_embeddings: str | None = None  # X-CLR: folder written by `cliplab data embed-captions`
     record_keys: str | None = None  # audit: each rank appends "epoch<TAB>batch<TAB>key" per trained sample
+    # per-member caps, by declared size (a bigger member is never read: its sample is skipped as
+    # oversized_member): image members, and every other member (txt, json, cls)
+    max_image_bytes: int = 64 << 20
+    max_text_bytes: int = 1 << 20
 
     def train_sources(self) -> tuple[SourceConfig, ...]:
         """The training sources: ``sources``, or ``train`` as one source of weight 1."""
@@ -88,6 +97,13 @@ class ModelConfig:
 
     name: str = "cliplab-tiny"
     pretrained: str | None = None  # a local open_clip checkpoint file; never a hub download
+    # LiT-style locked towers, with open_clip's lock functions (open_clip_train's --lock-* flags)
+    lock_image: bool = False  # freeze the image tower
+    lock_image_unlocked_groups: int = 0  # leave the last n layer groups of a locked image tower trainable
+    lock_image_freeze_bn_stats: bool = False  # also freeze BatchNorm running stats of locked layers (ResNets)
+    lock_text: bool = False  # freeze the text tower
+    lock_text_unlocked_layers: int = 0  # leave the last n layer groups of a locked text tower trainable
+    lock_text_freeze_layer_norm: bool = True  # false: LayerNorms of a locked HF text tower stay trainable
 
 
 @dataclass(frozen=True)
@@ -105,7 +121,7 @@ class ObjectiveConfig:
     denominator: str | None = None  # infonce | infoloob | sigmoid
     retrieval: str | None = None  # none | hopfield
     entailment_weight: float | None = None  # λ of MERU's entailment-cone loss (lorentz only)
-    temperature: float | None = None  # τ at init; s = 1/τ is stored as log s
+    temperature: float | None = None  # τ at init (s = 1/τ, stored as log s); None: the preset's, or model.pretrained's
     learn_temperature: bool | None = None
     max_logit_scale: float = 100.0  # clamp s to [1, max_logit_scale]
     hopfield_beta: float = 8.0  # β, stored as log β
@@ -117,7 +133,7 @@ class ObjectiveConfig:
     curvature_max: float = 10.0
     learn_curvature: bool = True
     alpha_init: float | None = None  # MERU's feature scale α; None = embed_dim ** -0.5; clamped ≤ 1
-    sigmoid_bias_init: float = -10.0  # SigLIP's b
+    sigmoid_bias_init: float | None = None  # SigLIP's b at init; None: -10, or model.pretrained's logit_bias
     soft_target_temperature: float = 0.1  # X-CLR's τ_s
     soft_target_views: str = "image_image"  # X-CLR: two image views (the seed) or image_text
     loob_scale_by_tau: bool = False  # the CLOOB reference multiplies its loss by τ
@@ -125,7 +141,7 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with a linear-warmup cosine schedule, in steps."""
+    """AdamW with a linear warmup, then a cosine, constant or constant-then-cooldown schedule, in steps."""
 
     lr: float = 5e-4
     weight_decay: float = 0.1
@@ -133,6 +149,10 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine (to 0 at the last step) | const | const-cooldown (open_clip_train's)
+    cooldown_steps: int = 0  # const-cooldown: the last n steps decay to cooldown_end_lr
+    cooldown_power: float = 1.0  # const-cooldown: 1 is a linear decay, else polynomial (open_clip's lr_cooldown_power)
+    cooldown_end_lr: float = 0.0  # const-cooldown: the lr at the last step
     grad_clip_norm: float | None = None  # clip the global gradient norm (None: measure it, no clipping)
     fused: bool | None = None  # fused AdamW kernel (None: on CUDA, where it exists)
 
@@ -156,7 +176,7 @@ class TrainConfig:
     seed: int = 0
     torch_threads: int = 1
     accum_steps: int = 1  # gradient accumulation with cached features: global negatives are kept
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPU, fp16 on GPUs without bf16, fp32 on CPU) | bf16 | fp16 | fp32
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoders
     tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA (open_clip_train's default too)
@@ -417,6 +437,35 @@ def _soft_targets(obj: ObjectiveConfig) -> bool:
     return obj.name in PRESETS and resolve(obj).targets == "soft"
 
 
+def _schedule_checks(cfg: ExperimentConfig) -> list[tuple[bool, str]]:
+    o, max_steps = cfg.optim, cfg.train.max_steps
+    return [
+        (o.schedule in ("cosine", "const", "const-cooldown"), "optim.schedule must be cosine, const or const-cooldown"),
+        (o.schedule != "const-cooldown" or o.cooldown_steps >= 1,
+         "optim.schedule=const-cooldown needs optim.cooldown_steps >= 1 (the steps of the final decay)"),
+        (o.cooldown_steps >= 0 and o.cooldown_power > 0 and 0 <= o.cooldown_end_lr <= o.lr,
+         "optim.cooldown_steps must be >= 0, optim.cooldown_power > 0 and optim.cooldown_end_lr in [0, optim.lr]"),
+        (o.schedule != "const-cooldown" or max_steps is None or o.warmup_steps + o.cooldown_steps <= max_steps,
+         "optim.warmup_steps + optim.cooldown_steps exceed train.max_steps: shorten them or raise train.max_steps"),
+    ]
+
+
+def _lock_checks(m: ModelConfig) -> list[tuple[bool, str]]:
+    checks = [(m.lock_image_unlocked_groups >= 0 and m.lock_text_unlocked_layers >= 0,
+               "model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must be >= 0")]
+    if m.lock_text and not m.lock_text_freeze_layer_norm:
+        import open_clip
+
+        from cliplab.models import _register_bundled_configs
+
+        _register_bundled_configs()
+        text_cfg = (open_clip.get_model_config(m.name) or {}).get("text_cfg", {})
+        checks.append((bool(text_cfg.get("hf_model_name")),
+                       f"model.lock_text_freeze_layer_norm=false needs a Hugging Face text tower; {m.name}'s own "
+                       "text transformer locks its LayerNorms with the other weights (leave it true)"))
+    return checks
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Value checks that types alone can't express. Cheap: touches no network or Ray."""
     checks = [
@@ -430,6 +479,11 @@ def validate(cfg: ExperimentConfig) -> None:
          "data.sources names must be unique"),
         (cfg.data.shuffle_window >= 1, "data.shuffle_window must be >= 1"),
         (cfg.data.prefetch_batches >= 0, "data.prefetch_batches must be >= 0"),
+        (cfg.data.max_image_bytes >= 1 and cfg.data.max_text_bytes >= 1,
+         "data.max_image_bytes and data.max_text_bytes must be >= 1 (bytes; a larger member is skipped)"),
+        (cfg.data.s3.connect_timeout_s > 0 and cfg.data.s3.request_timeout_s > 0,
+         "data.s3.connect_timeout_s and data.s3.request_timeout_s must be > 0 (seconds)"),
+        (cfg.data.s3.max_attempts >= 1, "data.s3.max_attempts must be >= 1"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (contrastive needs negatives)"),
         *_objective_checks(cfg.objective),
         (not _soft_targets(cfg.objective) or bool(cfg.data.caption_embeddings),
@@ -449,7 +503,9 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.train.accum_steps >= 1 and cfg.data.batch_size % cfg.train.accum_steps == 0
          and cfg.data.batch_size // cfg.train.accum_steps >= 1,
          "train.accum_steps must be >= 1 and divide data.batch_size"),
-        (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+        (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
+        *_schedule_checks(cfg),
+        *_lock_checks(cfg.model),
         (cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0, "optim.grad_clip_norm must be > 0"),
         (cfg.train.checkpoint_every_minutes is None or cfg.train.checkpoint_every_minutes > 0,
          "train.checkpoint_every_minutes must be > 0"),

@@ -36,39 +36,50 @@ def endpoint_url(s3cfg) -> str | None:
 
 
 def s3_filesystem(s3cfg):
-    """A pyarrow S3FileSystem with the endpoint override, short timeouts and one attempt."""
+    """A pyarrow S3FileSystem with the endpoint override, short timeouts and few attempts: an
+    endpoint that accepts the connection and never answers fails after ``max_attempts`` ×
+    ``request_timeout_s`` (curl's idle limit), not the SDK's minutes."""
     from pyarrow import fs
 
     kwargs = {
         "region": s3cfg.region,
         "connect_timeout": s3cfg.connect_timeout_s,
-        "request_timeout": max(10.0, s3cfg.connect_timeout_s),
-        "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=2),
+        "request_timeout": s3cfg.request_timeout_s,
+        "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=s3cfg.max_attempts),
     }
     endpoint = endpoint_url(s3cfg)
     if endpoint:
         scheme, _, rest = endpoint.partition("://")
         kwargs["endpoint_override"] = rest or scheme
         kwargs["scheme"] = scheme if rest else "https"
-    key, secret = _credentials(s3cfg)
+    key, secret, token = credentials(s3cfg)
     if key:
-        kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+        kwargs.update(access_key=key, secret_key=secret, session_token=token)
     return fs.S3FileSystem(**kwargs)
 
 
-def _credentials(s3cfg) -> tuple[str | None, str | None]:
+def credentials(s3cfg) -> tuple[str | None, str | None, str | None]:
+    """``(access key, secret key, session token)``: the AWS_* variables when both keys are set
+    (with AWS_SESSION_TOKEN), else the profile (``data.s3.profile``, then AWS_PROFILE) with its own
+    ``aws_session_token``, else Nones (pyarrow's default chain). The two sources never mix."""
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if key and secret:
-        return key, secret
+        return key, secret, os.environ.get("AWS_SESSION_TOKEN") or None
     profile = s3cfg.profile or os.environ.get("AWS_PROFILE")
     if profile:
         import boto3
+        import botocore.exceptions
 
-        creds = boto3.Session(profile_name=profile).get_credentials()
+        try:
+            creds = boto3.Session(profile_name=profile).get_credentials()
+        except botocore.exceptions.ProfileNotFound:
+            raise DataError(f"AWS profile '{profile}' not found; check ~/.aws/credentials "
+                            "(or AWS_SHARED_CREDENTIALS_FILE) and AWS_PROFILE / data.s3.profile") from None
         if creds is None:
             raise DataError(f"AWS profile '{profile}' has no credentials; check ~/.aws/credentials")
-        return creds.access_key, creds.secret_key
-    return None, None
+        frozen = creds.get_frozen_credentials()
+        return frozen.access_key, frozen.secret_key, frozen.token or None
+    return None, None, None
 
 
 def _expand(url: str) -> list[str]:
