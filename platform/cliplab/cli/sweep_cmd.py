@@ -15,6 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a base config value, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--no-register", action="store_true", help="do not register the best model")
+    p.add_argument("--max-node-resources", default=None, metavar="GPU=8,CPU=96",
+                   help="the largest node the cluster can scale to (default: the autoscaler's node types where "
+                        "readable, else CLIPLAB_MAX_NODE_RESOURCES): a trial that fits no such node fails at once")
+    p.add_argument("--scale-up-timeout", type=float, default=None, metavar="SECONDS",
+                   help="on an autoscaling cluster, how long to wait for room for one trial before giving up "
+                        "(default: the sweep's scale_up_timeout_s, 900, or CLIPLAB_SCALE_UP_TIMEOUT_S)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones restart "
                         "from their checkpoints")
@@ -54,7 +60,17 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.tune import load_sweep, run_sweep
 
     sweep = load_sweep(args.file, args.overrides)
+    import dataclasses
+
+    from cliplab.errors import ConfigError
     print(f"sweep {sweep.name}: {sweep.hypothesis.splitlines()[0] if sweep.hypothesis else ''}")
+    from cliplab.tune.capacity import parse_resources
     outcome = run_sweep(sweep, address=args.address, register=not args.no_register, resume=args.resume)
     print_outcome(sweep, outcome)
+    if args.max_node_resources:
+        sweep = dataclasses.replace(sweep, max_node_resources=parse_resources(args.max_node_resources))
+    if args.scale_up_timeout is not None:
+        if not args.scale_up_timeout > 0:
+            raise ConfigError(f"--scale-up-timeout must be > 0 seconds, got {args.scale_up_timeout:g}")
+        sweep = dataclasses.replace(sweep, scale_up_timeout_s=args.scale_up_timeout)
     return 0 if outcome.best and not outcome.errors else 1

@@ -118,7 +118,7 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "steps_per_epoch": steps,
                            "provenance": provenance(), **(extra or {})},
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=gpu_torch_config() if cfg.train.use_gpu else TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -131,6 +131,43 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
+
+
+def worker_sees_cuda() -> bool:
+    """On a Train worker: whether torch sees the CUDA GPU Ray assigned. False only on Ray's simulated
+    nodes (``RAY_FAKE_CLUSTER=1``: fake ``GPU`` resources, as ``ray.cluster_utils.AutoscalingCluster``
+    launches), where training runs on the CPU; anywhere else a GPU torch cannot see is an error."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    if os.environ.get("RAY_FAKE_CLUSTER") == "1":
+        return False
+    raise RuntimeError(f"train.use_gpu is set and Ray gave this worker a GPU, but torch {torch.__version__} "
+                       f"(CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device: check the node's NVIDIA "
+                       "driver and the image's torch build, or run with --set train.use_gpu=false")
+
+
+def gpu_torch_config():
+    """Ray's :class:`TorchConfig` for GPU workers, whose collective backend is decided when the
+    worker group starts: NCCL where the workers see CUDA, gloo on simulated GPU nodes."""
+    import dataclasses
+
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _GpuBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            cuda = worker_group.execute_single(0, worker_sees_cuda)
+            super().on_start(worker_group, dataclasses.replace(backend_config, backend="nccl" if cuda else "gloo"))
+
+    @dataclasses.dataclass
+    class GpuTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _GpuBackend
+
+    return GpuTorchConfig()
 
 
 def unique_name(stem: str) -> str:

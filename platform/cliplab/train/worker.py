@@ -58,7 +58,12 @@ def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
 def _device() -> torch.device:
     import ray.train.torch
 
-    return ray.train.torch.get_device()
+    from cliplab.train.launch import worker_sees_cuda
+
+    device = ray.train.torch.get_device()
+    if device.type == "cuda" and not worker_sees_cuda():
+        return torch.device("cpu")  # a simulated GPU node (RAY_FAKE_CLUSTER): the same run, on the CPU
+    return device
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -98,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt.restore_rng(state)
     if cfg.train.compile:
         module.compile_encoders()
-    model = ray.train.torch.prepare_model(module)
+    model = ray.train.torch.prepare_model(module, move_to_device=device)
     ctx = DistContext.current()
 
     trial = config.get("trial_name") or cfg.tracking.run_name or cfg.name

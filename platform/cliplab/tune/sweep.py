@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from cliplab.config import ExperimentConfig, load_python_file, parse_override, validate, with_overrides
 from cliplab.errors import ConfigError
+from cliplab.tune.capacity import SCALE_UP_TIMEOUT_ENV
 
 #: the least time between the driver's uploads of trial results and TensorBoard event files to
 #: remote storage (Tune's default is 300 s): most of what `cliplab dashboard` on an S3 sweep lags by
@@ -108,7 +109,8 @@ class Sweep:
     ``scheduler`` is :class:`ASHA` (early stopping, the default) or :class:`NoScheduler`;
     ``search`` is :class:`RandomSearch` (the default) or :class:`Optuna`. Each trial
     takes ``train.num_workers`` × (``train.cpus_per_worker`` CPUs, ``train.gpus_per_worker`` GPUs);
-    ``max_concurrent_trials`` of them must fit the cluster (checked before launching).
+    ``max_concurrent_trials`` of them must fit the cluster it can scale to (checked before launching;
+    on an autoscaling cluster the sweep waits up to ``scale_up_timeout_s`` for one trial to fit).
     """
 
     base: ExperimentConfig
@@ -124,6 +126,11 @@ class Sweep:
     summarize: Callable[[list[dict[str, Any]]], str] | None = None  # extra report from the rows
     scheduler: Scheduler = field(default_factory=ASHA)
     search: SearchAlgorithm = field(default_factory=RandomSearch)
+    # an autoscaling cluster (KubeRay's GPU group starts at 0 replicas): how long to wait for it to
+    # hold one trial before giving up, and the largest node it scales to (for the "can never fit"
+    # check when the autoscaler's node types are not readable; see cliplab.tune.capacity)
+    scale_up_timeout_s: float = field(default_factory=lambda: float(os.environ.get(SCALE_UP_TIMEOUT_ENV, 900)))
+    max_node_resources: dict[str, float] | None = None
 
     @property
     def num_trials(self) -> int:
@@ -158,6 +165,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base = with_overrides(sweep.base, dict(parse_override(o) for o in overrides or []))
     sweep = dataclasses.replace(sweep, base=base, hypothesis=sweep.hypothesis or (module.__doc__ or "").strip(),
                                 name=sweep.name if sweep.name != "sweep" else path.stem)
+    if not sweep.scale_up_timeout_s > 0:
+        raise ConfigError(f"{path}: scale_up_timeout_s must be > 0 seconds, got {sweep.scale_up_timeout_s}")
     if sweep.mode not in ("max", "min"):
         raise ConfigError(f"{path}: mode must be 'max' or 'min'")
     sweep.search.check(sweep.space)
@@ -221,30 +230,6 @@ def _trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """What one trial's TorchTrainer holds: its workers (the trial's driver needs ~nothing)."""
-    t = cfg.train
-    out = {"CPU": t.num_workers * t.cpus_per_worker}
-    if t.use_gpu:
-        out["GPU"] = t.num_workers * t.gpus_per_worker
-    return out
-
-
-def check_fits(sweep: Sweep, cluster: dict[str, float]) -> None:
-    """Concurrent trials × workers × resources must fit the cluster, or trials wait forever."""
-    need = trial_resources(sweep.base)
-    concurrent = min(sweep.max_concurrent_trials, sweep.num_trials) or 1
-    for kind, amount in need.items():
-        have = cluster.get(kind, 0.0)
-        if amount > have:
-            raise ConfigError(f"one trial needs {amount:g} {kind} ({sweep.base.train.num_workers} workers) but the "
-                              f"cluster has {have:g}: lower train.num_workers or train.{kind.lower()}s_per_worker")
-        if amount * concurrent > have + 1e-9:
-            raise ConfigError(f"{concurrent} concurrent trials need {amount * concurrent:g} {kind}, the cluster has "
-                              f"{have:g}: lower max_concurrent_trials to {int(have // amount)} or use fractional "
-                              f"train.{kind.lower()}s_per_worker")
-
-
 def sweep_dir(sweep: Sweep) -> str:
     from cliplab.train.launch import storage_path
 
@@ -255,18 +240,19 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
               resume: bool = False) -> SweepOutcome:
     """Run (or with ``resume`` continue) a sweep; then report, plot, log the parent MLflow run and
     register the best trial (champion only if it beats the current one, else challenger)."""
-    import ray
     from ray import tune
 
     from cliplab.train.launch import init_ray, preflight, steps_per_epoch, storage_kwargs
     from cliplab.tune import report
+    from cliplab.tune.capacity import wait_for_capacity
     from cliplab.tune.parent import ParentRun
 
     prep = preflight(sweep.base)
     # checkpoint and per-epoch reports come before the first eval, so not every result has the metric
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(address)
-    check_fits(sweep, ray.cluster_resources())
+    wait_for_capacity(sweep.base, min(sweep.max_concurrent_trials, sweep.num_trials) or 1,
+                      timeout_s=sweep.scale_up_timeout_s, max_node=sweep.max_node_resources)
     steps = steps_per_epoch(sweep.base, prep.train)
     storage = storage_kwargs(sweep.base)
     path = sweep_dir(sweep)
