@@ -15,13 +15,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import posixpath
 import re
-import tarfile
 import time
 import uuid
 import warnings
@@ -38,7 +36,6 @@ from cliplab.errors import CliplabError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SPLIT_DIRS = ("test", "val", "validation", "train")
 
 
@@ -76,7 +73,13 @@ class LoadedModel:
 def _load_checkpoint(path: Path, source: str) -> LoadedModel:
     from types import SimpleNamespace
 
-    from cliplab.train.checkpoint import IncompleteCheckpointError, is_complete, latest_checkpoint, load_config
+    from cliplab.train.checkpoint import (
+        IncompleteCheckpointError,
+        UnsafeCheckpointError,
+        is_complete,
+        latest_checkpoint,
+        load_config,
+    )
 
     with warnings.catch_warnings():  # mlflow's type-hint advice on the pyfunc class, under its own filter
         warnings.showwarning = lambda *args, **kwargs: None
@@ -95,7 +98,7 @@ def _load_checkpoint(path: Path, source: str) -> LoadedModel:
         pyfunc = CliplabPyfunc()  # the registry's loader: config.json → model + objective, weights
         root.setLevel(logging.ERROR)  # open_clip warns that a random init has no pretrained weights
         pyfunc.load_context(SimpleNamespace(artifacts={"checkpoint": str(path)}))
-    except (IncompleteCheckpointError, FileNotFoundError) as err:
+    except (IncompleteCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:
         raise ConfigError(f"--model {source}: {err}") from None
     finally:
         root.setLevel(level)
@@ -235,40 +238,55 @@ def open_eval_set(url: str, s3cfg=None, *, templates: str | None = None) -> Eval
 
 
 def iter_shard(path: str, filesystem) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The samples of one tar as ``(key, {ext: bytes})`` in tar order (webdataset keys: the
-    member name up to its first dot)."""
-    with filesystem.open_input_stream(path) as f:
-        data = f.read()
-    current, files = None, {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar:
-            if not member.isfile():
+    """The samples of one tar as ``(key, {ext: bytes})`` in tar order, read by the shared decoder
+    (:mod:`cliplab.data.decode`: its key rule and member caps). For tools and tests; a shard that
+    cannot be read on is a :class:`DataError`."""
+    from cliplab.data.decode import Limits, ShardFault, shard_groups
+
+    try:
+        for group in shard_groups(filesystem, path, Limits()):
+            yield group.key, group.files
+    except ShardFault as fault:
+        raise DataError(f"{path}: {fault.reason.replace('_', ' ')} ({fault.detail})") from None
+
+
+def _piece_samples(path: str, filesystem, kind: str, part: int, parts: int, limits, skipped: Counter) -> Iterator:
+    """The samples ``i % parts == part`` of one shard, decoded by
+    :func:`cliplab.data.decode.decode_sample` (the decoder of training and val: same key rule,
+    caps and skip reasons); skips are counted into ``skipped`` (a shard fault by part 0 only)."""
+    from cliplab.data.decode import ShardFault, Skip, decode_sample, shard_groups
+
+    try:
+        for i, group in enumerate(shard_groups(filesystem, path, limits)):
+            if i % parts != part:
                 continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if key != current and current is not None:
-                yield current, files
-                files = {}
-            current = key
-            files[ext.lower()] = tar.extractfile(member).read()
-    if current is not None:
-        yield current, files
+            sample = decode_sample(group, kind="cls" if kind == "classification" else "caption")
+            if isinstance(sample, Skip):
+                log.warning("skipping %s:%s: %s", path, group.key, sample)
+                skipped[sample.reason] += 1
+            else:
+                yield sample
+    except ShardFault as fault:
+        if part == 0:
+            log.warning("eval shard %s: %s (%s); the rest is skipped", path, fault.reason.replace("_", " "),
+                        fault.detail)
+            skipped[fault.reason] += 1
 
 
 # embedding -------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_piece(model, transform, tokenizer, path: str, filesystem, kind: str, part: int = 0, parts: int = 1,
-                 batch_size: int = 64) -> dict[str, Any]:
+                 batch_size: int = 64, limits=None) -> dict[str, Any]:
     """Raw features of the samples ``i`` of one shard with ``i % parts == part``: ``key``,
     ``image`` (n × D float32), and ``target`` (class indices) for a classification set, or
     ``text`` (n × D), ``caption`` and ``meta`` (the JSON) for a retrieval set; ``skipped``
-    counts unusable samples by reason. Batches move to the model's device; features come back
+    counts unusable samples by reason (``limits``: the member caps, default
+    :class:`~cliplab.data.decode.Limits`). Batches move to the model's device; features come back
     to the host."""
-    from PIL import Image
-
-    keys, targets, captions, metas = [], [], [], []
+    from cliplab.data.decode import Limits
     from cliplab.models import encode_images, encode_texts
 
+    keys, targets, captions, metas = [], [], [], []
     skipped: Counter = Counter()
     feats_img, feats_txt = [], []
     batch_images: list[torch.Tensor] = []
@@ -282,41 +300,15 @@ def encode_piece(model, transform, tokenizer, path: str, filesystem, kind: str, 
         batch_images.clear()
         batch_captions.clear()
 
-    for i, (key, files) in enumerate(iter_shard(path, filesystem)):
-        if i % parts != part:
-            continue
-        raw = next((files[e] for e in IMAGE_EXTS if e in files), None)
-        if raw is None:
-            skipped["missing_image"] += 1
-            continue
+    for sample in _piece_samples(path, filesystem, kind, part, parts, limits or Limits(), skipped):
+        keys.append(sample.key)
+        batch_images.append(transform(sample.image))
         if kind == "classification":
-            try:
-                target = int(files["cls"].decode().strip())
-            except (KeyError, ValueError, UnicodeDecodeError):
-                skipped["missing_or_bad_cls"] += 1
-                continue
+            targets.append(int(sample.label))
         else:
-            caption = files.get("txt", b"").decode("utf-8", "replace").strip()
-            if not caption:
-                skipped["missing_caption"] += 1
-                continue
-        try:
-            with Image.open(io.BytesIO(raw)) as im:
-                tensor = transform(im.convert("RGB"))
-        except Exception:  # noqa: BLE001 - a corrupt image is skipped and counted
-            skipped["corrupt_image"] += 1
-            continue
-        keys.append(key)
-        batch_images.append(tensor)
-        if kind == "classification":
-            targets.append(target)
-        else:
-            captions.append(caption)
-            batch_captions.append(caption)
-            try:
-                metas.append(json.loads(files["json"]) if "json" in files else {})
-            except ValueError:
-                metas.append({})
+            captions.append(sample.caption)
+            batch_captions.append(sample.caption)
+            metas.append(sample.meta)
         if len(batch_images) >= batch_size:
             flush()
     flush()
@@ -346,9 +338,9 @@ def _worker_model(token: str, holder: list) -> tuple:
         bundle = build_model(payload["model_cfg"])
         bundle.model.load_state_dict(payload["state"])
         bundle.model.eval()
-        _WORKER_MODELS.clear()  # one model per worker: an old eval's weights are not kept
         if torch.cuda.is_available():  # the task was given a GPU (num_gpus > 0): embed there
             bundle.model.to("cuda")
+        _WORKER_MODELS.clear()  # one model per worker: an old eval's weights are not kept
         _WORKER_MODELS[token] = (bundle.model, bundle.val_transform, bundle.tokenizer)
     return _WORKER_MODELS[token]
 
@@ -376,8 +368,8 @@ def _gather(results: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def embed_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, num_cpus: float = 0.5,
-              min_tasks: int = 2, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
               num_gpus: float = 0.0,
+              min_tasks: int = 2, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
     """Raw features of every sample of ``evalset`` (see :func:`encode_piece`), gathered in shard
     order. With ``use_ray`` each (shard, chunk) piece is a Ray task of ``num_cpus`` CPUs (shards
     are split into chunks until there are ``min_tasks`` pieces); the weights travel once through
@@ -491,8 +483,8 @@ class SetResult:
 
 
 def evaluate_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, num_cpus: float = 0.5,
-                 min_tasks: int = 2, batch_size: int = 64, lenses: bool = True, traversals: int = 200,
                  num_gpus: float = 0.0,
+                 min_tasks: int = 2, batch_size: int = 64, lenses: bool = True, traversals: int = 200,
                  traversal_entailment: bool = True, progress: bool = True) -> SetResult:
     """Embed ``evalset`` (:func:`embed_set`) and score it in the objective's geometry:
     zero-shot (:func:`cliplab.eval.scoring.evaluate_classification`) or retrieval + lenses
@@ -507,8 +499,8 @@ def evaluate_set(model: LoadedModel, evalset: EvalSet, *, use_ray: bool = True, 
         raise DataError(f"--data {evalset.url}: {n} usable samples (skipped: {feats['skipped'] or 'none'}); "
                         "an eval set needs at least 2")
     objective = model.objective
-    with torch.no_grad():
     device = model.device  # the objective's parameters live there: score there
+    with torch.no_grad():
         image_emb = objective.embed(torch.from_numpy(feats["image"]).to(device), "image")
         examples: list[dict] = []
         if evalset.kind == "classification":
@@ -661,15 +653,15 @@ def run_eval(model_ref: str, data: Sequence[str], *, out_dir: str | Path, tracki
 
     if not data:
         raise ConfigError("nothing to evaluate: pass at least one --data PATH_OR_S3_URL")
-    check_reachable(tracking_uri)
     if num_gpus < 0:
         raise ConfigError(f"--gpus-per-task must be >= 0, got {num_gpus:g}")
     target = resolve_device(device)
+    check_reachable(tracking_uri)
     sets = [open_eval_set(url, s3cfg, templates=templates) for url in data]
     _unique_names(sets)
     model = load_model(model_ref, tracking_uri)
-    results = []
     model.module.to(target)
+    results = []
     for s in sets:
         result = evaluate_set(model, s, use_ray=use_ray, num_cpus=num_cpus, num_gpus=num_gpus, min_tasks=min_tasks,
                               batch_size=batch_size, lenses=lenses, traversals=traversals,
