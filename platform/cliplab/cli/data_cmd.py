@@ -67,7 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "size histogram (longer side), caption length statistics and a few "
                                           "samples.")
     inspect.add_argument("url", help="shards: a directory/prefix, a tar, or a brace-expanded list (local or s3://)")
-    inspect.add_argument("--examples", type=int, default=3, help="samples to show (default 3)")
+    inspect.add_argument("--examples", type=int, default=3, help="samples to show (default 3, at most 50)")
+    inspect.add_argument("--max-image-bytes", type=int, default=64 << 20,
+                         help="skip samples with a larger image member, unread (default 64 MiB, as data.max_image_bytes)")
+    inspect.add_argument("--max-text-bytes", type=int, default=1 << 20,
+                         help="skip samples with a larger txt/json/cls member, unread (default 1 MiB)")
     inspect.add_argument("--workers", type=int, default=8, help="shards read in parallel (default 8)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
@@ -179,10 +183,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     import json
 
     from cliplab.config import S3Config
+    from cliplab.data.decode import Limits
     from cliplab.data.inspect import inspect_shards, render
     from cliplab.data.sources import resolve_shards
+    from cliplab.errors import ConfigError
 
+    if args.max_image_bytes < 1 or args.max_text_bytes < 1:
+        raise ConfigError("--max-image-bytes and --max-text-bytes must be >= 1")
     shards = resolve_shards(args.url, S3Config(endpoint_url=args.endpoint_url))
-    report = inspect_shards(shards, examples=args.examples, workers=args.workers)
+    report = inspect_shards(shards, examples=args.examples, workers=args.workers,
+                            limits=Limits(args.max_image_bytes, args.max_text_bytes))
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render(report))
     return 0

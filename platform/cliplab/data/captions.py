@@ -42,15 +42,22 @@ def default_output(shards: ShardSet) -> str:
     return os.path.join(os.path.dirname(shards.paths[0]), EMBED_DIR)
 
 
+def caption_dataset(shards: ShardSet, *, concurrency: int = 1):
+    """The lazy Ray Dataset of ``key, embedding`` rows: the shards read, then ``concurrency``
+    :class:`CaptionEncoder` actors (Ray Data's ``compute``; its ``concurrency`` argument is deprecated)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.read_webdataset(list(shards.paths), filesystem=shards.filesystem, decoder=None)
+    return ds.map_batches(CaptionEncoder, batch_size=256, compute=ActorPoolStrategy(size=concurrency),
+                          batch_format="numpy", num_cpus=1)
+
+
 def embed_captions(shards: ShardSet, out: str | None = None, *, concurrency: int = 1) -> tuple[str, int]:
     """Embed every caption of ``shards`` and write ``key, embedding`` Parquet files to ``out``
     (default :func:`default_output`). Returns the output path and the row count."""
-    import ray.data
-
     out = out or default_output(shards)
-    ds = ray.data.read_webdataset(list(shards.paths), filesystem=shards.filesystem, decoder=None)
-    ds = ds.map_batches(CaptionEncoder, batch_size=256, concurrency=concurrency, batch_format="numpy", num_cpus=1)
-    ds = ds.materialize()
+    ds = caption_dataset(shards, concurrency=concurrency).materialize()
     rows = ds.count()
     if rows == 0:
         raise DataError(f"{shards.url}: no captions to embed")

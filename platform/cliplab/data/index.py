@@ -12,6 +12,10 @@ reason              counted per
 unreadable_shard    shard that cannot be opened or is not a tar (0 samples from it)
 truncated_tar       shard that ends mid-member or without its end marker (the samples
                     read before the cut are kept; the one being read is dropped)
+oversized_member    sample with a member over its cap (``data.max_image_bytes`` for images,
+                    ``data.max_text_bytes`` for the rest), judged by its declared size and
+                    never read (also a long-name/pax header over 1 MiB: the rest of that
+                    shard is skipped)
 empty_file          sample with a 0-byte member
 missing_image       sample without a jpg/jpeg/png/webp member
 missing_caption     sample without a txt member
@@ -22,18 +26,17 @@ empty_caption       sample whose txt is blank
 Image content faults (``corrupt_image``, ``truncated_image``, ``decompression_bomb``), byte
 ranges that cannot be read any more (``read_error``) and X-CLR keys without a caption embedding
 (``missing_embedding``) are found by the decode tasks (:mod:`cliplab.data.stream`). Each skip
-is logged with shard and key.
+is logged with shard and key. The reading, grouping and checks are :mod:`cliplab.data.decode`,
+shared with val, ``cliplab eval`` and ``cliplab data inspect``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import pickle
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,24 +45,28 @@ from pathlib import Path
 
 import numpy as np
 
+from cliplab.data.decode import (
+    GROUP_REASONS,
+    IMAGE_EXTS,  # noqa: F401 - one list of image extensions, re-exported
+    IMAGE_REASONS,
+    SHARD_REASONS,
+    Limits,
+    ShardFault,
+    Skip,
+    check_group,
+    shard_groups,
+    split_name,  # noqa: F401 - the key rule, re-exported
+)
 from cliplab.data.sources import ShardSet
 from cliplab.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-INDEX_REASONS = ("unreadable_shard", "truncated_tar", "empty_file", "missing_image", "missing_caption",
-                 "non_utf8_caption", "empty_caption")
-DECODE_REASONS = ("corrupt_image", "truncated_image", "decompression_bomb", "read_error", "missing_embedding")
+INDEX_REASONS = SHARD_REASONS + GROUP_REASONS
+DECODE_REASONS = (*IMAGE_REASONS, "read_error", "missing_embedding")
 REASONS = INDEX_REASONS + DECODE_REASONS
-CACHE_VERSION = 1
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """webdataset's grouping: ``dir/abc.seg.jpg`` → (``dir/abc``, ``seg.jpg``)."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+DEFAULT_LIMITS = Limits()
+CACHE_VERSION = 2  # 2: member caps (oversized_member); a sparse member's range ends at its stored data
 
 
 @dataclass
@@ -76,64 +83,26 @@ class ShardIndex:
         return len(self.starts)
 
 
-def _check_group(files: dict[str, bytes | int]) -> str | None:
-    if any((v if isinstance(v, int) else len(v)) == 0 for v in files.values()):
-        return "empty_file"
-    if not any(e in files for e in IMAGE_EXTS):
-        return "missing_image"
-    if "txt" not in files:
-        return "missing_caption"
-    try:
-        text = files["txt"].decode("utf-8")
-    except UnicodeDecodeError:
-        return "non_utf8_caption"
-    return None if text.strip() else "empty_caption"
-
-
-def scan_shard(path: str, filesystem, url: str | None = None) -> ShardIndex:
-    """One streaming pass over a tar: group members by key and check each sample's structure."""
+def scan_shard(path: str, filesystem, url: str | None = None, limits: Limits = DEFAULT_LIMITS) -> ShardIndex:
+    """One streaming pass over a tar: group members by key and check each sample's structure
+    (:func:`~cliplab.data.decode.check_group`; only captions are read, and no member over its cap)."""
     where = url or path
     starts: list[int] = []
     ends: list[int] = []
     skipped: Counter = Counter()
-    current: dict | None = None
-
-    def finish(group: dict | None) -> None:
-        if group is None:
-            return
-        reason = _check_group(group["files"])
-        if reason:
-            skipped[reason] += 1
-            log.warning("skipping %s:%s: %s", where, group["key"], reason.replace("_", " "))
-        else:
-            starts.append(group["start"])
-            ends.append(group["end"])
-
     try:
-        size = filesystem.get_file_info(path).size
-        with filesystem.open_input_stream(path) as raw:
-            with tarfile.open(fileobj=raw, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = split_name(member.name)
-                    if current is None or key != current["key"]:
-                        finish(current)
-                        current = {"key": key, "start": member.offset, "files": {}}
-                    data = tar.extractfile(member).read() if ext == "txt" else member.size
-                    current["files"][ext] = data
-                    current["end"] = member.offset_data + -(-member.size // 512) * 512
-        if current is not None and size is not None and current["end"] + 1024 > size:
-            raise tarfile.ReadError("no end-of-archive marker")
-        finish(current)
-    except (tarfile.TarError, OSError, EOFError) as err:
-        if not starts and current is None:
-            skipped["unreadable_shard"] += 1
-            log.warning("skipping shard %s: unreadable (%s)", where, err)
-        else:
-            skipped["truncated_tar"] += 1
-            log.warning("shard %s is truncated after %d samples (%s); the rest is skipped", where,
-                        len(starts), err)
+        for group in shard_groups(filesystem, path, limits, read=lambda ext: ext == "txt"):
+            reason = check_group(group)
+            if reason:
+                skipped[reason] += 1
+                log.warning("skipping %s:%s: %s", where, group.key, Skip(reason, group.oversized))
+            else:
+                starts.append(group.start)
+                ends.append(group.end)
+    except ShardFault as fault:
+        skipped[fault.reason] += 1
+        log.warning("shard %s: %s after %d samples (%s); the rest is skipped", where, fault.reason.replace("_", " "),
+                    len(starts), fault.detail)
     return ShardIndex(path, np.asarray(starts, np.int64), np.asarray(ends, np.int64), dict(skipped))
 
 
@@ -141,15 +110,18 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("CLIPLAB_INDEX_CACHE") or Path.home() / ".cache" / "cliplab" / "shard-index")
 
 
-def _cache_file(path: str, info) -> Path:
+def _cache_file(path: str, info, limits: Limits) -> Path:
     mtime = getattr(info, "mtime_ns", None)
-    digest = hashlib.blake2b(f"{CACHE_VERSION}|{path}|{info.size}|{mtime}".encode(), digest_size=16).hexdigest()
+    caps = f"{limits.image_bytes}|{limits.text_bytes}"
+    digest = hashlib.blake2b(f"{CACHE_VERSION}|{path}|{info.size}|{mtime}|{caps}".encode(),
+                             digest_size=16).hexdigest()
     return _cache_dir() / f"{digest}.pkl"
 
 
-def index_shards(shards: ShardSet, *, workers: int = 16, progress: bool = False) -> list[ShardIndex]:
+def index_shards(shards: ShardSet, *, workers: int = 16, progress: bool = False,
+                 limits: Limits = DEFAULT_LIMITS) -> list[ShardIndex]:
     """Index every shard of ``shards``, reusing cached indexes of unchanged shards (same path,
-    size and mtime; ``CLIPLAB_INDEX_CACHE`` or ~/.cache/cliplab).
+    size, mtime and member caps; ``CLIPLAB_INDEX_CACHE`` or ~/.cache/cliplab).
 
     The scans of uncached shards read each tar once, end to end. With a Ray driver connected they
     run as Ray tasks (``scan_shard``, a quarter CPU each), so a large corpus is indexed by the
@@ -159,14 +131,14 @@ def index_shards(shards: ShardSet, *, workers: int = 16, progress: bool = False)
     entries: list[ShardIndex | None] = [None] * len(infos)
     todo: list[tuple[int, str, Path | None]] = []
     for i, (path, info) in enumerate(zip(shards.paths, infos, strict=True)):
-        cache = _cache_file(f"{prefix}{path}", info) if info.size else None
+        cache = _cache_file(f"{prefix}{path}", info, limits) if info.size else None
         entries[i] = _load_cached(cache)
         if entries[i] is None:
             todo.append((i, path, cache))
     desc = f"indexing {shards.url}"
     scan = _scan_on_ray if todo and _ray_connected() else _scan_in_threads
     scanned = scan([(path, f"{prefix}{path}") for _, path, _ in todo], shards.filesystem,
-                   workers=workers, progress=progress, desc=desc)
+                   workers=workers, progress=progress, desc=desc, limits=limits)
     for (i, _, cache), entry in zip(todo, scanned, strict=True):
         entries[i] = entry
         if cache is not None and "unreadable_shard" not in entry.skipped:
@@ -198,21 +170,22 @@ def _ray_connected() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def _scan_in_threads(items, filesystem, *, workers: int, progress: bool, desc: str) -> list[ShardIndex]:
+def _scan_in_threads(items, filesystem, *, workers: int, progress: bool, desc: str,
+                     limits: Limits) -> list[ShardIndex]:
     from tqdm import tqdm
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
-        return list(tqdm(pool.map(lambda it: scan_shard(it[0], filesystem, it[1]), items), total=len(items),
+        return list(tqdm(pool.map(lambda it: scan_shard(it[0], filesystem, it[1], limits), items), total=len(items),
                          desc=desc, unit="shard", disable=not progress or not items))
 
 
-def _scan_on_ray(items, filesystem, *, workers: int, progress: bool, desc: str) -> list[ShardIndex]:
+def _scan_on_ray(items, filesystem, *, workers: int, progress: bool, desc: str, limits: Limits) -> list[ShardIndex]:
     import ray
     from tqdm import tqdm
 
     task = ray.remote(num_cpus=0.25, max_retries=2)(scan_shard).options(name="scan_shard")
     fs_ref = ray.put(filesystem)
-    refs = [task.remote(path, fs_ref, url) for path, url in items]
+    refs = [task.remote(path, fs_ref, url, limits) for path, url in items]
     pending = list(refs)
     with tqdm(total=len(refs), desc=desc, unit="shard", disable=not progress) as bar:
         while pending:
@@ -251,11 +224,12 @@ class TrainIndex:
         return ("s3://" if self.is_s3[self.shard_source[gid]] else "") + self.shards[gid].path
 
 
-def build_train_index(sources: Sequence[tuple[str, float, ShardSet]], *, progress: bool = False) -> TrainIndex:
+def build_train_index(sources: Sequence[tuple[str, float, ShardSet]], *, progress: bool = False,
+                      limits: Limits = DEFAULT_LIMITS) -> TrainIndex:
     """Index each ``(name, weight, shards)``; a source with no usable sample is a :class:`DataError`."""
     names, urls, weights, is_s3, shard_source, entries = [], [], [], [], [], []
     for i, (name, weight, shards) in enumerate(sources):
-        found = index_shards(shards, progress=progress)
+        found = index_shards(shards, progress=progress, limits=limits)
         usable = sum(len(e) for e in found)
         if usable == 0:
             skipped = Counter()
@@ -289,15 +263,3 @@ def read_ranges(filesystem, path: str, ranges: Sequence[tuple[int, int]]) -> dic
             for start, end in run:
                 out[(start, end)] = blob[start - lo:end - lo]
     return out
-
-
-def parse_sample(fragment: bytes) -> tuple[str, dict[str, bytes]]:
-    """The key and ``{ext: bytes}`` of one sample's tar members (a byte range from the index)."""
-    files: dict[str, bytes] = {}
-    key = ""
-    with tarfile.open(fileobj=io.BytesIO(fragment), mode="r:") as tar:
-        for member in tar:
-            if member.isfile():
-                key, ext = split_name(member.name)
-                files[ext] = tar.extractfile(member).read()
-    return key, files

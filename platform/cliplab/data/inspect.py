@@ -1,24 +1,25 @@
 """``cliplab data inspect``: what a set of shards holds, read in parallel (local or s3://).
 
-Counts samples and skip reasons (the same checks as training's index and decode), image
+Counts samples and skip reasons (the shared decoder of training, val and eval), image
 formats, an image size histogram (by the longer side), caption
 length statistics (characters and words) and the first few samples.
 """
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from cliplab.data.index import IMAGE_EXTS, _check_group, split_name
+from cliplab.data.decode import Limits, Sample, ShardFault, Skip, decode_sample, shard_groups
 from cliplab.data.sources import ShardSet
 
 SIZE_BINS = (64, 128, 256, 512, 1024, 2048)
+MAX_EXAMPLES = 50  # the report stays small whatever --examples asks
+CAPTION_CHARS = 200  # an example's caption and key are cut to these lengths
+KEY_CHARS = 120
 
 
 def size_bin(side: int) -> str:
@@ -30,59 +31,38 @@ def size_bin(side: int) -> str:
     return f">={SIZE_BINS[-1]}px"
 
 
-def _image_size(raw: bytes) -> tuple[tuple[int, int] | None, str | None, str | None]:
-    """``(size, format, problem)``: a full decode, as training does (``problem`` is its skip reason)."""
-    from PIL import Image
-
-    from cliplab.data.pipeline import load_rgb
-
-    rgb, problem = load_rgb(raw)
-    if rgb is None:
-        return None, None, problem[0]
-    with Image.open(io.BytesIO(raw)) as im:
-        return rgb.size, (im.format or "").lower(), None
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def inspect_shard(path: str, filesystem, url: str, keep: int) -> dict[str, Any]:
+def inspect_shard(path: str, filesystem, url: str, keep: int, limits: Limits = Limits()) -> dict[str, Any]:
+    """One shard through the shared decoder (:mod:`cliplab.data.decode`: the same caps, checks and
+    full image decode as training); ``keep`` examples, with key and caption truncated."""
     out: dict[str, Any] = {"samples": 0, "skipped": Counter(), "sizes": Counter(), "formats": Counter(),
                            "chars": [], "words": [], "examples": [], "shard_samples": {url: 0}}
-
-    def finish(key: str, files: dict) -> None:
-        reason = _check_group({k: v for k, v in files.items()})
-        raw = next((files[e] for e in IMAGE_EXTS if e in files), None)
-        size = fmt = None
-        if reason is None:
-            size, fmt, reason = _image_size(raw)
-        if reason:
-            out["skipped"][reason] += 1
-            return
-        caption = files["txt"].decode("utf-8").strip()
-        out["samples"] += 1
-        out["shard_samples"][url] += 1
-        out["sizes"][size_bin(max(size))] += 1
-        out["formats"][fmt] += 1
-        out["chars"].append(len(caption))
-        out["words"].append(len(caption.split()))
-        if len(out["examples"]) < keep:
-            out["examples"].append({"shard": url, "key": key, "caption": caption, "size": list(size), "format": fmt})
-
-    key, files = None, {}
     try:
-        with filesystem.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = split_name(member.name)
-                if k != key and key is not None:
-                    finish(key, files)
-                    files = {}
-                key = k
-                files[ext] = tar.extractfile(member).read()
-        if key is not None:
-            finish(key, files)
-    except (tarfile.TarError, OSError, EOFError):
-        out["skipped"]["unreadable_shard" if key is None else "truncated_tar"] += 1
+        for group in shard_groups(filesystem, path, limits):
+            _count(out, url, decode_sample(group), keep)
+    except ShardFault as fault:
+        out["skipped"][fault.reason] += 1
     return out
+
+
+def _count(out: dict[str, Any], url: str, sample: Sample | Skip, keep: int) -> None:
+    if isinstance(sample, Skip):
+        out["skipped"][sample.reason] += 1
+        return
+    caption = sample.caption
+    out["samples"] += 1
+    out["shard_samples"][url] += 1
+    out["sizes"][size_bin(max(sample.size))] += 1
+    out["formats"][sample.format] += 1
+    out["chars"].append(len(caption))
+    out["words"].append(len(caption.split()))
+    if len(out["examples"]) < keep:
+        out["examples"].append({"shard": url, "key": _clip(sample.key, KEY_CHARS),
+                                "caption": _clip(caption, CAPTION_CHARS), "size": list(sample.size),
+                                "format": sample.format})
 
 
 def _stats(values: list[int]) -> dict[str, float]:
@@ -93,13 +73,16 @@ def _stats(values: list[int]) -> dict[str, float]:
             "p95": float(np.percentile(a, 95)), "max": int(a.max())}
 
 
-def inspect_shards(shards: ShardSet, *, examples: int = 3, workers: int = 8, progress: bool = True) -> dict[str, Any]:
-    """Read every shard of ``shards`` (a thread per shard, up to ``workers``) and summarise."""
+def inspect_shards(shards: ShardSet, *, examples: int = 3, workers: int = 8, progress: bool = True,
+                   limits: Limits = Limits()) -> dict[str, Any]:
+    """Read every shard of ``shards`` (a thread per shard, up to ``workers``) and summarise. The
+    report is bounded: at most :data:`MAX_EXAMPLES` examples, captions cut to :data:`CAPTION_CHARS`."""
     from tqdm import tqdm
 
+    examples = max(0, min(examples, MAX_EXAMPLES))
     prefix = "s3://" if shards.is_s3 else ""
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(shards.paths)))) as pool:
-        parts = list(tqdm(pool.map(lambda p: inspect_shard(p, shards.filesystem, prefix + p, examples), shards.paths),
+        parts = list(tqdm(pool.map(lambda p: inspect_shard(p, shards.filesystem, prefix + p, examples, limits), shards.paths),
                           total=len(shards.paths), desc="reading shards", unit="shard", disable=not progress))
     skipped, sizes, formats, per_shard = Counter(), Counter(), Counter(), {}
     chars, words, found = [], [], []

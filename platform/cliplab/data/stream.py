@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from cliplab.data.index import IMAGE_EXTS, REASONS, TrainIndex, parse_sample, read_ranges
-from cliplab.data.pipeline import _caption_table, _text, _transforms, load_rgb
+from cliplab.data.decode import Limits, ShardFault, Skip, check_group, decode_sample, parse_sample
+from cliplab.data.index import REASONS, TrainIndex, read_ranges
+from cliplab.data.pipeline import _caption_table, _transforms
 from cliplab.data.plan import RankPlan, rank_plan, read_spec
 from cliplab.errors import DataError
 
@@ -73,7 +74,7 @@ def _filesystem(s3_json: str | None):
 
 
 def read_decode(batch: dict[str, np.ndarray], *, model_name: str, s3: str, views: int = 1,
-                captions_ref=None) -> Iterator[dict[str, np.ndarray]]:
+                captions_ref=None, limits: Limits = Limits()) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data task: for each read spec (one shuffle window) read, decode, augment and tokenize
     the samples, in position order. Bad samples come out as rows with ``skip > 0`` and zeros."""
     pre, _mean, _std, side, tokenizer = _split_transform(model_name)
@@ -94,7 +95,8 @@ def read_decode(batch: dict[str, np.ndarray], *, model_name: str, s3: str, views
                 blobs.update({(g, *r): None for r in ranges})
         rows: list[tuple] = []
         for pos, g, start, end in spec["rows"]:
-            rows.append(_decode_one(pos, blobs[(g, start, end)], spec["shards"][str(g)][2], pre, views, table))
+            rows.append(_decode_one(pos, blobs[(g, start, end)], spec["shards"][str(g)][2], pre, views, table,
+                                    limits))
             if len(rows) == OUT_ROWS:
                 yield _block(rows, side, tokenizer, views, table)
                 rows = []
@@ -102,38 +104,28 @@ def read_decode(batch: dict[str, np.ndarray], *, model_name: str, s3: str, views
             yield _block(rows, side, tokenizer, views, table)
 
 
-def _decode_one(pos: int, blob: bytes | None, url: str, pre, views: int, table) -> tuple:
+def _decode_one(pos: int, blob: bytes | None, url: str, pre, views: int, table, limits: Limits) -> tuple:
     """``(pos, key, reason, caption, image, image_2, embedding)``; reason None for a good sample."""
     if blob is None:
         return pos, "", "read_error", None, None, None, None
     try:
-        key, files = parse_sample(blob)
-    except Exception as err:  # noqa: BLE001 - the shard changed since it was indexed
-        log.warning("skipping %s at byte %s: unreadable tar members (%s)", url, pos, err)
+        group = parse_sample(blob, limits)
+    except ShardFault as err:  # the shard changed since it was indexed
+        log.warning("skipping %s at byte %s: unreadable tar members (%s)", url, pos, err.detail)
         return pos, "", "read_error", None, None, None, None
-    raw = next((files[e] for e in IMAGE_EXTS if files.get(e)), None)
-    caption = None
-    try:
-        caption = _text(files.get("txt"))
-    except UnicodeDecodeError:
-        return pos, key, "non_utf8_caption", None, None, None, None
-    if raw is None:
-        return pos, key, "missing_image", None, None, None, None
-    if caption is None:
-        return pos, key, "missing_caption", None, None, None, None
+    reason = check_group(group)
     embedding = None
-    if table is not None:
-        embedding = table.get(key)
+    if reason is None and table is not None:
+        embedding = table.get(group.key)
         if embedding is None:
-            log.warning("skipping %s:%s: no caption embedding for this key", url, key)
-            return pos, key, "missing_embedding", None, None, None, None
-    rgb, problem = load_rgb(raw, draft=getattr(pre.transforms[0], "size", [None])[0])
-    if rgb is None:
-        log.warning("skipping %s:%s: %s (%s)", url, key, problem[0].replace("_", " "), problem[1])
-        return pos, key, problem[0], None, None, None, None
-    image = np.asarray(pre(rgb), dtype=np.uint8)
-    image_2 = np.asarray(pre(rgb), dtype=np.uint8) if views == 2 else None
-    return pos, key, None, caption, image, image_2, embedding
+            reason = "missing_embedding"
+    sample = Skip(reason) if reason else decode_sample(group, draft=getattr(pre.transforms[0], "size", [None])[0])
+    if isinstance(sample, Skip):
+        log.warning("skipping %s:%s: %s", url, group.key, sample)
+        return pos, group.key, sample.reason, None, None, None, None
+    image = np.asarray(pre(sample.image), dtype=np.uint8)
+    image_2 = np.asarray(pre(sample.image), dtype=np.uint8) if views == 2 else None
+    return pos, group.key, None, sample.caption, image, image_2, embedding
 
 
 def _block(rows: list[tuple], side: int, tokenizer, views: int, table) -> dict[str, np.ndarray]:
@@ -298,7 +290,8 @@ class RankStream:
         ds = ray.data.from_items(specs, override_num_blocks=len(specs))
         ds = ds.map_batches(read_decode, batch_size=1, batch_format="numpy", num_cpus=self.cfg.cpus_per_task,
                             fn_kwargs={"model_name": self.model_name, "s3": json.dumps(to_dict(self.cfg.s3)),
-                                       "views": self.views, "captions_ref": self.captions_ref})
+                                       "views": self.views, "captions_ref": self.captions_ref,
+                                       "limits": Limits.of(self.cfg)})
         ds.context.execution_options.preserve_order = True
         ds.context.target_max_block_size = 16 << 20  # stream a window out in blocks, not at the task's end
         return ds

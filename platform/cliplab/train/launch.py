@@ -43,14 +43,17 @@ _INDEXES: dict[tuple, Any] = {}
 def train_index(cfg: ExperimentConfig, prep: Prepared | None = None):
     """The :class:`~cliplab.data.index.TrainIndex` of the training sources (built once per
     process, and per shard cached on disk), resolving the sources again if ``prep`` lacks them."""
+    from cliplab.data.decode import Limits
     from cliplab.data.index import build_train_index
 
     specs = cfg.data.train_sources()
-    key = (tuple((s.url, s.weight, s.name) for s in specs), cfg.data.s3)
+    limits = Limits.of(cfg.data)
+    key = (tuple((s.url, s.weight, s.name) for s in specs), cfg.data.s3, limits)
     if key not in _INDEXES:
         sets = prep.sources if prep is not None and len(prep.sources) == len(specs) else \
             tuple(resolve_shards(s.url, cfg.data.s3) for s in specs)
-        _INDEXES[key] = build_train_index([(s.name, s.weight, shards) for s, shards in zip(specs, sets, strict=True)])
+        _INDEXES[key] = build_train_index([(s.name, s.weight, shards) for s, shards in zip(specs, sets, strict=True)],
+                                          limits=limits)
     return _INDEXES[key]
 
 
@@ -76,14 +79,15 @@ def build_datasets(prep: Prepared) -> dict[str, Any]:
     deterministic samples, see :mod:`cliplab.data.stream`) and the ``val`` Ray Dataset."""
     import ray.data
 
-    from cliplab.data.pipeline import build_dataset
+    from cliplab.data.decode import Limits
+    from cliplab.data.pipeline import build_val_dataset
     from cliplab.data.stream import index_rows
 
     cfg = prep.cfg
     datasets = {"train_index": ray.data.from_items(index_rows(train_index(cfg, prep)))}
     if prep.val is not None:
-        datasets["val"] = build_dataset(prep.val, train=False, model_name=cfg.model.name,
-                                        label_key=cfg.data.label_key, cpus_per_task=cfg.data.cpus_per_task)
+        datasets["val"] = build_val_dataset(prep.val, model_name=cfg.model.name, label_key=cfg.data.label_key,
+                                            cpus_per_task=cfg.data.cpus_per_task, limits=Limits.of(cfg.data))
     return datasets
 
 

@@ -51,8 +51,14 @@ def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
     val = ray.train.get_dataset_shard("val") if cfg.data.val else None
     if val is None:
         return {}
-    batches = val.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
-    return evaluate_module(unwrap(model), bundle.tokenizer, batches, cfg.eval.templates)
+    from collections import Counter
+
+    from cliplab.data.pipeline import good_rows, skip_metrics
+
+    skipped: Counter = Counter()  # val samples and shards the shared decoder skipped, by reason
+    batches = good_rows(val.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"), skipped)
+    metrics = evaluate_module(unwrap(model), bundle.tokenizer, batches, cfg.eval.templates)
+    return {**metrics, **skip_metrics(skipped)}
 
 
 def _device() -> torch.device:
