@@ -86,8 +86,11 @@ def build_model(cfg) -> ModelBundle:
                           f"see open_clip.list_models() or add a JSON config to {CONFIG_DIR}")
     if cfg.pretrained and not Path(cfg.pretrained).is_file():
         raise ConfigError(f"model.pretrained '{cfg.pretrained}' is not a local file")
+    extra = {}
+    if cfg.pretrained and "init_logit_bias" not in open_clip.get_model_config(cfg.name) and _has_logit_bias(cfg.pretrained):
+        extra["init_logit_bias"] = 0.0  # a SigLIP export of a CLIP architecture: room for its logit_bias
     model, train_tf, val_tf = open_clip.create_model_and_transforms(
-        cfg.name, pretrained=cfg.pretrained, output_dict=True
+        cfg.name, pretrained=cfg.pretrained, output_dict=True, **extra
     )
     use_gemm_patch_embedding(model)
     for name in ("logit_scale", "logit_bias"):
@@ -99,15 +102,87 @@ def build_model(cfg) -> ModelBundle:
     return ModelBundle(model, train_tf, val_tf, tokenizer, tokenizer.context_length, embed_dim)
 
 
-def freeze_text_tower(model: nn.Module) -> int:
-    """Freeze every parameter outside the image tower (X-CLR trains images only, from a frozen
-    text side). Returns how many tensors were frozen."""
-    frozen = 0
-    for name, param in model.named_parameters():
-        if not name.startswith("visual.") and param.requires_grad:
-            param.requires_grad_(False)
-            frozen += 1
-    return frozen
+def _has_logit_bias(path: str) -> bool:
+    """Whether an open_clip checkpoint file holds a ``logit_bias`` (read memory-mapped: keys only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a torch file: open_clip's own loader says what is wrong
+        return False
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return any(key.removeprefix("module.") == "logit_bias" for key in state)
+
+
+def freeze_text_tower(model: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> int:
+    """Lock the text tower with open_clip's ``lock_text_tower``, leaving the last
+    ``unlocked_layers`` layer groups trainable (``model.lock_text``; X-CLR's image-only training
+    locks it whole). Returns how many tensors were frozen."""
+    trainable = sum(p.requires_grad for p in model.parameters())
+    model.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
+    return trainable - sum(p.requires_grad for p in model.parameters())
+
+
+def lock_towers(model: nn.Module, cfg, *, needs_text: bool = True) -> list[str]:
+    """LiT-style locked towers from a :class:`~cliplab.config.ModelConfig`, with open_clip's lock
+    functions (open_clip_train's ``--lock-image*``/``--lock-text*``); a text tower the objective
+    never reads is locked whole. Run it before the optimizer and DDP are built: both then leave
+    the frozen parameters out. Returns the frozen parameters' names."""
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if not needs_text:
+        freeze_text_tower(model)
+    elif cfg.lock_text:
+        freeze_text_tower(model, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+def inherit_temperature(module: DualEncoder, cfg) -> list[str]:
+    """Start the objective from ``model.pretrained``'s learned temperature: open_clip's
+    ``logit_scale`` (log s) becomes the objective's s, and a SigLIP checkpoint's ``logit_bias`` its
+    b, unless ``objective.temperature`` (``objective.sigmoid_bias_init``) is set. Only objectives
+    that learn s on the sphere take it (CLOOB's and X-CLR's s is a fixed hyperparameter; MERU's
+    scales Lorentz distances). Returns what was taken."""
+    objective, model, taken = module.objective, module.model, []
+    resolved = getattr(objective, "r", None)
+    scale, bias = getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)
+    with torch.no_grad():
+        if (cfg.temperature is None and resolved is not None and resolved.learn_temperature
+                and resolved.geometry == "euclidean" and isinstance(scale, torch.Tensor)):
+            objective.log_scale.copy_(scale.reshape(()))
+            taken.append("logit_scale")
+        if cfg.sigmoid_bias_init is None and hasattr(objective, "bias") and isinstance(bias, torch.Tensor):
+            objective.bias.copy_(bias.reshape(()))
+            taken.append("logit_bias")
+    objective.clamp_()
+    return taken
+
+
+def with_trained_temperature(model_state: dict[str, torch.Tensor], objective_state: dict[str, torch.Tensor], *,
+                             add_bias: bool = False) -> dict[str, torch.Tensor]:
+    """open_clip's state dict carrying the objective's trained s as ``logit_scale`` (log s, as open_clip
+    stores it) and SigLIP's b as ``logit_bias`` (where the model has one, or with ``add_bias``): what
+    open_clip code reads for its logits. cliplab's own model never reads these two."""
+    state = dict(model_state)
+    if "log_scale" in objective_state and "logit_scale" in state:
+        state["logit_scale"] = objective_state["log_scale"].detach().to(state["logit_scale"].dtype).reshape(
+            state["logit_scale"].shape).clone()
+    if "bias" in objective_state and ("logit_bias" in state or add_bias):
+        state["logit_bias"] = objective_state["bias"].detach().float().reshape(()).clone()
+    return state
+
+
+def build_dual_encoder(cfg) -> tuple[ModelBundle, DualEncoder]:
+    """The model and objective of an :class:`~cliplab.config.ExperimentConfig`, ready to train:
+    ``model.pretrained``'s temperature inherited (:func:`inherit_temperature`) and the towers
+    locked (:func:`lock_towers`). Ray-free: the trainer and the tests build it the same way."""
+    from cliplab.objectives import build_objective
+
+    bundle = build_model(cfg.model)
+    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
+    if cfg.model.pretrained:
+        inherit_temperature(module, cfg.objective)
+    lock_towers(bundle.model, cfg.model, needs_text=module.objective.needs_text)
+    return bundle, module
 
 
 def model_device(model: nn.Module) -> torch.device:

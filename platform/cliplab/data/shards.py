@@ -214,13 +214,28 @@ def _pairs_from_folder(src: Path) -> list[_Pair]:
     return pairs
 
 
-def _pairs_from_table(src: Path, image_col: str, caption_col: str) -> list[_Pair]:
+def sniff_separator(src: Path) -> str:
+    """Tab or comma, whichever the table's header line is split by (``csv.Sniffer`` restricted to
+    the two: open_clip_train's CSVs are tab-separated by default, spreadsheets write commas)."""
+    import csv
+
+    with src.open(newline="", encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    try:
+        return csv.Sniffer().sniff(header, delimiters="\t,").delimiter
+    except csv.Error:
+        raise DataError(f"{src}: cannot tell whether it is tab- or comma-separated from its header line; "
+                        "pass --separator") from None
+
+
+def _pairs_from_table(src: Path, image_col: str, caption_col: str, separator: str | None = None) -> list[_Pair]:
     import pandas as pd
 
     if src.suffix == ".parquet":
         table = pd.read_parquet(src)
     else:  # strings as written: a caption "NA" or "2024" stays text; only empty cells are missing
-        table = pd.read_csv(src, dtype=str, keep_default_na=False, na_values=[""])
+        table = pd.read_csv(src, sep=separator or sniff_separator(src), dtype=str, keep_default_na=False,
+                            na_values=[""])
     for col in (image_col, caption_col):
         if col not in table.columns:
             raise DataError(f"{src}: no column '{col}' (columns: {', '.join(map(str, table.columns))})")
@@ -280,28 +295,32 @@ def build_from_folder(src_dir: str | Path, out_dir: str | Path, *, val_fraction:
 
 
 def build_from_table(path: str | Path, out_dir: str | Path, *, image_col: str = "image",
-                     caption_col: str = "caption", val_fraction: float = 0.05, seed: int = 0,
-                     samples_per_shard: int = 1000, workers: int = 4, progress: bool = True) -> dict[str, Any]:
-    """Shards from a ``.csv`` or ``.parquet`` table of (image path, caption) rows.
+                     caption_col: str = "caption", separator: str | None = None, val_fraction: float = 0.05,
+                     seed: int = 0, samples_per_shard: int = 1000, workers: int = 4,
+                     progress: bool = True) -> dict[str, Any]:
+    """Shards from a ``.csv``/``.tsv`` or ``.parquet`` table of (image path, caption) rows.
 
-    Relative image paths are relative to the table's folder. Skip reasons are those of
+    ``separator`` None sniffs tab or comma from the header (:func:`sniff_separator`). Relative
+    image paths are relative to the table's folder. Skip reasons are those of
     :func:`build_from_folder` plus ``missing_image``; the split hashes the path as written.
     """
     src = Path(path)
     if not src.is_file():
-        raise DataError(f"source not found: {src} (expected a .csv or .parquet table)")
-    if src.suffix not in (".csv", ".parquet"):
-        raise DataError(f"{src}: expected a .csv or a .parquet file")
-    return _build(_pairs_from_table(src, image_col, caption_col), out_dir, src, val_fraction=val_fraction,
-                  seed=seed, samples_per_shard=samples_per_shard, workers=workers, progress=progress)
+        raise DataError(f"source not found: {src} (expected a .csv, .tsv or .parquet table)")
+    if src.suffix not in (".csv", ".tsv", ".parquet"):
+        raise DataError(f"{src}: expected a .csv, .tsv or .parquet file")
+    return _build(_pairs_from_table(src, image_col, caption_col, separator), out_dir, src,
+                  val_fraction=val_fraction, seed=seed, samples_per_shard=samples_per_shard, workers=workers,
+                  progress=progress)
 
 
 def build_shards(src: str | Path, out_dir: str | Path, *, image_col: str = "image", caption_col: str = "caption",
-                 **options: Any) -> dict[str, Any]:
-    """:func:`build_from_folder` for a folder, :func:`build_from_table` for a ``.csv``/``.parquet``."""
+                 separator: str | None = None, **options: Any) -> dict[str, Any]:
+    """:func:`build_from_folder` for a folder, :func:`build_from_table` for a ``.csv``/``.tsv``/``.parquet``."""
     src = Path(src)
     if not src.exists():
         raise DataError(f"source not found: {src}")
     if src.is_dir():
         return build_from_folder(src, out_dir, **options)
-    return build_from_table(src, out_dir, image_col=image_col, caption_col=caption_col, **options)
+    return build_from_table(src, out_dir, image_col=image_col, caption_col=caption_col, separator=separator,
+                            **options)

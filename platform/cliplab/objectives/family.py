@@ -27,6 +27,7 @@ from cliplab.objectives.base import LossOutput, Objective, at_least_fp32
 from cliplab.objectives.hopfield import sphere_retrieval
 
 MASK = -1e9  # finite: soft targets × masked logits must never meet -inf
+SIGMOID_BIAS_INIT = -10.0  # SigLIP's b at init, unless the config or model.pretrained gives one
 
 PRESETS: dict[str, dict] = {
     "clip": dict(geometry="euclidean", targets="hard", denominator="infonce", retrieval="none",
@@ -85,7 +86,8 @@ class ContrastiveObjective(Objective):
                                       requires_grad=self.r.learn_temperature)
         self.max_log_scale = math.log(cfg.max_logit_scale)
         if self.r.denominator == "sigmoid":
-            self.bias = nn.Parameter(torch.tensor(float(cfg.sigmoid_bias_init)))
+            bias = cfg.sigmoid_bias_init if cfg.sigmoid_bias_init is not None else SIGMOID_BIAS_INIT
+            self.bias = nn.Parameter(torch.tensor(float(bias)))
         if self.r.retrieval == "hopfield":
             self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.hopfield_beta)), requires_grad=cfg.learn_beta)
         if self.r.geometry == "lorentz":
