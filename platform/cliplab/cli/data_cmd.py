@@ -48,10 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Turn a folder of name.jpg|png|webp + name.txt pairs, or a CSV/Parquet "
                                         "of (image path, caption), into train/val shards with stats.json. "
                                         "Bad pairs are skipped and counted by reason.")
-    build.add_argument("src", type=Path, help="a folder, a .csv or a .parquet file")
+    build.add_argument("src", type=Path, help="a folder, a .csv/.tsv or a .parquet file")
     build.add_argument("--out", type=Path, required=True, help="output directory")
     build.add_argument("--image-col", default="image", help="table column of image paths (default image)")
     build.add_argument("--caption-col", default="caption", help="table column of captions (default caption)")
+    build.add_argument("--separator", default=None,
+                       help="CSV separator, e.g. $'\\t' (default: tab or comma, sniffed from the header line)")
     build.add_argument("--val-fraction", type=float, default=0.05, help="share of samples in val (default 0.05)")
     build.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     build.add_argument("--samples-per-shard", type=int, default=1000, help="default 1000")
@@ -158,6 +160,7 @@ def run_build(args: argparse.Namespace) -> int:
     from cliplab.data.shards import build_shards
 
     stats = build_shards(args.src, args.out, image_col=args.image_col, caption_col=args.caption_col,
+                         separator=args.separator,
                          val_fraction=args.val_fraction, seed=args.seed,
                          samples_per_shard=args.samples_per_shard, workers=args.workers)
     _summary(stats, args.out)
