@@ -27,29 +27,44 @@ def model_signature():
 
 def write_open_clip_export(checkpoint_dir: Path, out: Path) -> Path:
     """An open_clip-compatible export of a checkpoint: ``model.pt`` (the state dict that
-    ``open_clip.create_model(name, pretrained=path)`` loads), the architecture's JSON config,
-    the objective's scalars (``objective.pt``: τ, β, curvature, …) and a README saying how."""
+    ``open_clip.create_model(name, pretrained=path)`` loads) carrying the objective's trained
+    ``logit_scale`` and, for a sigmoid objective, ``logit_bias``; the architecture's JSON config
+    (with ``init_logit_bias`` when the export adds a bias the architecture lacks); the objective's
+    scalars (``objective.pt``: τ, β, curvature, …) and a README saying how."""
     import shutil
 
     import open_clip
+    import torch
 
-    from cliplab.models import _register_bundled_configs
+    from cliplab.models import _register_bundled_configs, with_trained_temperature
     from cliplab.train.checkpoint import load_config
 
     cfg = load_config(checkpoint_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint_dir / "model.pt", out / "model.pt")
+    objective = torch.load(checkpoint_dir / "objective.pt", map_location="cpu", weights_only=True)
+    state = with_trained_temperature(torch.load(checkpoint_dir / "model.pt", map_location="cpu", weights_only=True),
+                                     objective, add_bias=True)  # older checkpoints kept the initial ones
+    torch.save(state, out / "model.pt")
     shutil.copyfile(checkpoint_dir / "objective.pt", out / "objective.pt")
     _register_bundled_configs()
-    (out / f"{cfg.model.name}.json").write_text(json.dumps(open_clip.get_model_config(cfg.model.name), indent=2))
+    model_cfg = dict(open_clip.get_model_config(cfg.model.name))
+    if "logit_bias" in state and "init_logit_bias" not in model_cfg:
+        model_cfg["init_logit_bias"] = float(state["logit_bias"])  # so that open_clip builds the parameter
+    (out / f"{cfg.model.name}.json").write_text(json.dumps(model_cfg, indent=2))
     (out / "README.md").write_text(
         f"# open_clip export ({cfg.objective.name} objective)\n\n"
         "```python\nimport open_clip\n"
-        f"# for a custom architecture first: open_clip.add_model_config('{cfg.model.name}.json')\n"
+        f"open_clip.add_model_config('{cfg.model.name}.json')  # this export's config"
+        + (" (it adds init_logit_bias)" if "init_logit_bias" not in open_clip.get_model_config(cfg.model.name)
+           and "logit_bias" in state else "") + "\n"
         f"model = open_clip.create_model('{cfg.model.name}', pretrained='model.pt')\n```\n\n"
-        "`objective.pt` holds the objective's learned scalars (log temperature, Hopfield beta, "
-        "curvature, ...). Embeddings in the objective's geometry come from the registered MLflow "
-        "pyfunc, which applies them.\n")
+        f"`logit_scale` is the trained log s (s = {float(state['logit_scale'].exp()):.4g})"
+        + (f" and `logit_bias` the trained b ({float(state['logit_bias']):.4g})" if "logit_bias" in state else "")
+        + ": open_clip's `get_logits` gives the objective's logits"
+        + (". For a Lorentz (MERU) objective s scales the negative Lorentz distance, not the cosine, so "
+           "open_clip's cosine logits with it are not the objective's." if "log_curvature" in objective else ".")
+        + " `objective.pt` holds the objective's learned scalars (log temperature, Hopfield beta, curvature, "
+        "...). Embeddings in the objective's geometry come from the registered MLflow pyfunc, which applies them.\n")
     return out
 
 
