@@ -57,11 +57,32 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` for ``device``: ``auto`` is bf16 on CUDA GPUs that have it, fp16 on
+    those that do not (V100, T4), fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs a gradient scaler (open_clip_train's ``--precision amp``); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
 def autocast(precision: str, device: torch.device):
-    """bf16 autocast (GPU runs) or nothing (fp32, the CPU default)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast, or nothing (fp32, the CPU default)."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 
 
 def _extras(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,7 +100,7 @@ def _loss(objective, features: tuple, ctx: DistContext, extras: dict):
 
 
 def compute_gradients(model: nn.Module, batch: dict[str, torch.Tensor], ctx: DistContext, *,
-                      accum_steps: int = 1, precision: str = "fp32"):
+                      accum_steps: int = 1, precision: str = "fp32", scaler=None):
     """Forward and backward of one optimizer step; gradients accumulate into ``.grad``.
 
     With ``accum_steps = k`` the batch is split into k micro-batches and the global negatives
@@ -88,7 +109,8 @@ def compute_gradients(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Dis
     is taken over the whole batch (its own rows live, the others from the cache). The sum of
     the k backward passes is the full-batch gradient of the encoders; the objective's scalars
     see the full loss k times, so their gradient is divided by k. Activation memory is that of
-    one micro-batch. DDP synchronises only on the last backward.
+    one micro-batch. DDP synchronises only on the last backward. With an fp16 ``scaler`` the
+    gradients are those of the scaled loss (unscale them before reading them).
     """
     objective = unwrap(model).objective
     device = batch["image"].device
@@ -97,7 +119,7 @@ def compute_gradients(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Dis
     if accum_steps == 1:
         with autocast(precision, device):
             out = _loss(objective, _forward(model, batch, slice(None)), ctx, extras)
-        out.loss.backward()
+        _backward(out.loss, scaler)
         return out
     if n % accum_steps:
         raise ValueError(f"batch of {n} does not split into {accum_steps} equal micro-batches")
@@ -115,7 +137,7 @@ def compute_gradients(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Dis
                                                             for jj in range(accum_steps)])
                     for i in range(len(live)))
                 out = _loss(objective, features, ctx, extras)
-            out.loss.backward()
+            _backward(out.loss, scaler)
     for p in objective.parameters():
         if p.grad is not None:
             p.grad /= accum_steps
@@ -137,12 +159,22 @@ def _host_values(named: dict[str, torch.Tensor], guarded: tuple[str, ...],
     return ok == 1.0, dict(zip(named, host, strict=True))
 
 
+def _on_every_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """``flag`` and-ed over the ranks (a collective on a skipped fp16 step only)."""
+    t = torch.tensor([float(flag)], device=device)
+    if ctx.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item() == 1.0)
+
+
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, scheduler,
                ctx: DistContext, *, accum_steps: int = 1, grad_clip_norm: float | None = None,
-               precision: str = "fp32") -> dict[str, float]:
+               precision: str = "fp32", scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One optimizer step on a batch of ``image`` and ``text`` tensors (plus ``image_2`` and
     ``caption_embedding`` for X-CLR). Returns metrics; ``train/nonfinite`` is 1.0 when the loss
-    or the gradient norm was not finite on some rank, in which case nothing was updated.
+    or the gradient norm was not finite on some rank, in which case nothing was updated. With an
+    fp16 ``scaler`` (:func:`grad_scaler`), gradients that overflow under a finite loss also mark
+    ``train/fp16_overflow``: the scaler lowers its scale for the next batch, as open_clip_train's does.
 
     The host waits for the GPU once, before the update, so that the optimizer's kernels overlap
     the next step's launch; the objective's scalars are reported as this step's loss used them.
@@ -150,7 +182,9 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, sche
     objective = unwrap(model).objective
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    out = compute_gradients(model, batch, ctx, accum_steps=accum_steps, precision=precision)
+    out = compute_gradients(model, batch, ctx, accum_steps=accum_steps, precision=precision, scaler=scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, for the norm and the clip
     if grad_clip_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
     else:  # measured only: no pass that multiplies every gradient by 1
@@ -161,8 +195,16 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, sche
     lr = scheduler.get_last_lr()[0]
     if not finite:
         optimizer.zero_grad(set_to_none=True)
-        return {"train/nonfinite": 1.0, "train/lr": lr}
-    optimizer.step()
+        if scaler is None:
+            return {"train/nonfinite": 1.0, "train/lr": lr}
+        scaler.update()  # non-finite gradients lower the scale
+        overflow = _on_every_rank(math.isfinite(metrics["train/loss"]), ctx, out.loss.device)
+        return {"train/nonfinite": 1.0, "train/fp16_overflow": float(overflow), "train/lr": lr}
+    if scaler is not None:
+        scaler.step(optimizer)  # already unscaled, and finite: it steps
+        scaler.update()  # and grows the scale after enough good steps
+    else:
+        optimizer.step()
     scheduler.step()
     objective.clamp_()
     return {**metrics, "train/lr": scheduler.get_last_lr()[0], "train/nonfinite": 0.0}
@@ -176,10 +218,19 @@ class NonFiniteGuard:
         self.limit, self.in_row, self.total = limit, 0, 0
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
-        """True when the step was skipped. Raises :class:`NonFiniteLossError` at the limit."""
+        """True when the step was skipped. Raises :class:`NonFiniteLossError` at the limit. An fp16
+        overflow (a finite loss whose scaled gradients overflowed; the scaler has lowered its scale)
+        is skipped without counting towards the limit, unless :data:`MAX_FP16_OVERFLOWS` come in a row."""
         if metrics.get("train/nonfinite", 0.0) == 0.0:
-            self.in_row = 0
+            self.in_row = self.overflows_in_row = 0
             return False
+        if metrics.get("train/fp16_overflow", 0.0) == 1.0:
+            self.overflows_in_row = getattr(self, "overflows_in_row", 0) + 1
+            if self.overflows_in_row >= MAX_FP16_OVERFLOWS:
+                raise NonFiniteLossError(
+                    f"fp16 gradients overflowed {self.overflows_in_row} times in a row after step {step} (the "
+                    "scale fell each time); the last good checkpoint is kept. Use train.precision=bf16 or fp32.")
+            return True
         self.in_row += 1
         self.total += 1
         if self.in_row >= self.limit:
@@ -187,6 +238,9 @@ class NonFiniteGuard:
                 f"{self.in_row} non-finite losses in a row after step {step} ({self.total} skipped in all); "
                 "the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip_norm, or check the data.")
         return True
+
+
+MAX_FP16_OVERFLOWS = 40  # the gradient scale halves each time: 2^16 → 2^-24
 
 
 class NonFiniteLossError(RuntimeError):
