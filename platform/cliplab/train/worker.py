@@ -13,13 +13,21 @@ import torch
 from cliplab.config import ExperimentConfig, flatten, from_dict, to_dict
 from cliplab.distributed import DistContext
 from cliplab.eval import evaluate_module
-from cliplab.models import DualEncoder, build_model, freeze_text_tower
-from cliplab.objectives import build_objective
+from cliplab.models import build_dual_encoder
 from cliplab.tracking import build_tracker
 from cliplab.tracking.artifacts import plot_curves, provenance, write_config, write_eval_report
 from cliplab.train import checkpoint as ckpt
 from cliplab.train.metering import Throughput, count_flops
-from cliplab.train.step import NonFiniteGuard, build_optimizer, configure_device, cosine_with_warmup, train_step, unwrap
+from cliplab.train.schedule import build_scheduler, restore_scheduler
+from cliplab.train.step import (
+    NonFiniteGuard,
+    build_optimizer,
+    configure_device,
+    grad_scaler,
+    resolve_precision,
+    train_step,
+    unwrap,
+)
 
 
 def _persist_checkpoint(checkpoint, dir_name: str):
@@ -83,28 +91,32 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.train.seed)
     device = _device()
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(cfg.train.precision, device)
+    scaler = grad_scaler(precision, device)
 
-    bundle = build_model(cfg.model)
-    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
-    if not module.objective.needs_text:
-        freeze_text_tower(module.model)
+    bundle, module = build_dual_encoder(cfg)  # pretrained temperature taken, towers locked: before DDP
+    frozen = sorted(name for name, p in module.named_parameters() if not p.requires_grad)
     if cfg.train.grad_checkpointing:
         module.model.set_grad_checkpointing(True)
     configure_device(device, tf32=cfg.train.tf32)
     module.to(device)  # before the optimizer, which picks its fused kernel by the parameters' device
     optimizer = build_optimizer(module, cfg.optim)
     total_steps = cfg.train.max_steps or cfg.train.epochs * config["steps_per_epoch"]
-    scheduler = cosine_with_warmup(optimizer, cfg.optim.warmup_steps, total_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     step, start_epoch, run_id, data_position = 0, 0, None, None
     resume = ray.train.get_checkpoint()
     if resume is not None:  # a FailureConfig restart or `cliplab train --resume`
         with resume.as_directory() as d:
             ckpt.load_weights(Path(d), module)
             state = ckpt.load_trainer_state(Path(d))
+        if state.get("frozen", frozen) != frozen:  # the optimizer's state would not fit its parameters
+            raise RuntimeError(f"{resume.path} was trained with other frozen parameters (model.lock_*): "
+                               "resume it with the model.lock_* settings of its config.json")
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         step, start_epoch, run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
+        restore_scheduler(scheduler, state["scheduler"], step)  # a changed budget never raises the lr
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         data_position = state.get("data_position")  # continue at the next unseen sample of the epoch
         ckpt.restore_rng(state)
     if cfg.train.compile:
@@ -148,7 +160,8 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 ckpt.save_checkpoint(Path(tmp), unwrap(model), optimizer, scheduler, step=step, epoch=epoch,
                                      cfg=cfg, extra={"mlflow_run_id": getattr(tracker, "run_id", None),
-                                                     "data_position": position})
+                                                     "data_position": position, "frozen": frozen,
+                                                     "scaler": scaler.state_dict() if scaler is not None else None})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=_persist_checkpoint)
         last_checkpoint_time = time.monotonic()
@@ -162,7 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
     data.restore(data_position)
     meter = Throughput(ctx.world_size)
     step_kwargs = {"accum_steps": cfg.train.accum_steps, "grad_clip_norm": cfg.optim.grad_clip_norm,
-                   "precision": precision}
+                   "precision": precision, "scaler": scaler}
     flops_per_step: float | None = None
     metrics: dict[str, float] = {}
     epoch = start_epoch
