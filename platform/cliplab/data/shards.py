@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cliplab.data.decode import IMAGE_EXTS, Limits, iter_groups, to_rgb
 from cliplab.errors import DataError
 
-IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+IMAGE_SUFFIXES = {f".{e}" for e in IMAGE_EXTS}  # source files read by build_from_folder
 
 
 @dataclass
@@ -143,16 +144,12 @@ def write_splits(samples: Iterable[Sample], out_dir: Path, *, val_fraction: floa
 
 
 def read_shard_samples(path: str | Path) -> Iterator[Sample]:
-    """Read one tar back as samples (files grouped by key). For tools and tests."""
-    groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    """Read one tar back as samples, grouped by the shared decoder (:mod:`cliplab.data.decode`:
+    its key rule and member caps). For tools and tests."""
+    with open(path, "rb") as f:
+        groups = {g.key: g.files for g in iter_groups(f, Limits(), size=Path(path).stat().st_size)}
     for key, files in groups.items():
-        ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+        ext = next((e for e in IMAGE_EXTS if e in files), None)
         yield Sample(key=key, image=files.get(ext, b""), ext=ext or "",
                      caption=files.get("txt", b"").decode("utf-8", "replace"),
                      meta=json.loads(files["json"]) if "json" in files else {})
@@ -201,14 +198,14 @@ def _check_pair(key: str, pair: _Pair) -> tuple[Sample | None, str | None]:
     if ext is None:  # GIF, BMP, TIFF...: re-encoded as PNG so every webdataset reader decodes them
         with Image.open(io.BytesIO(data)) as im:
             buf = io.BytesIO()
-            im.convert("RGB").save(buf, "PNG")
+            to_rgb(im).save(buf, "PNG")
             data, ext = buf.getvalue(), "png"
     return Sample(key, data, ext, caption, {"source": source, "width": width, "height": height}), None
 
 
 def _pairs_from_folder(src: Path) -> list[_Pair]:
     pairs = []
-    for image in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+    for image in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         txt = image.with_suffix(".txt")
         pairs.append((image, txt.read_bytes() if txt.is_file() else None, image.relative_to(src).as_posix()))
     return pairs
