@@ -61,11 +61,11 @@ class CuttingProxy:
         self.close()
 
 
-def _forward(src: socket.socket, dst: socket.socket) -> None:
-    """Copy bytes one way until either side closes, then close both."""
+def _forward(src: socket.socket, dst: socket.socket, replace: tuple[bytes, bytes] | None = None) -> None:
+    """Copy bytes one way until either side closes, then close both (``replace``: old, new bytes)."""
     try:
         while data := src.recv(65536):
-            dst.sendall(data)
+            dst.sendall(data.replace(*replace) if replace else data)
     except OSError:
         pass
     for s in (src, dst):
@@ -155,7 +155,9 @@ class FailingHttpProxy:
         if not self.failing.is_set():
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             threading.Thread(target=_forward, args=(upstream, client), daemon=True).start()
-            _forward(client, upstream)
+            # the Host header names the upstream (mlflow server refuses unknown hosts: DNS rebinding)
+            _forward(client, upstream, (f"Host: 127.0.0.1:{self.port}\r\n".encode(),
+                                        f"Host: 127.0.0.1:{self.upstream_port}\r\n".encode()))
             return
         try:
             data = b""
@@ -171,7 +173,8 @@ class FailingHttpProxy:
                 if not chunk:
                     break
                 body += chunk
-            reason = {500: "Internal Server Error", 503: "Service Unavailable", 400: "Bad Request"}.get(self.status, "X")
+            reason = {400: "Bad Request", 401: "Unauthorized", 429: "Too Many Requests", 500: "Internal Server Error",
+                      502: "Bad Gateway", 503: "Service Unavailable", 507: "Insufficient Storage"}.get(self.status, "Error")
             client.sendall(f"HTTP/1.1 {self.status} {reason}\r\nContent-Type: {self.content_type}\r\n"
                            f"Content-Length: {len(self.body)}\r\nConnection: close\r\n\r\n".encode() + self.body)
             self.answered += 1

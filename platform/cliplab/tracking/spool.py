@@ -8,6 +8,17 @@ original step and timestamp. ``finish`` waits up to ``flush_timeout_s`` for the 
 still unsent stays in the spool, and ``cliplab tracking flush SPOOL`` sends it later. A tracker
 opened on the same run (a restart from a checkpoint) sends the previous process's leftovers first.
 
+What is retried and what is dropped (:func:`is_permanent`): connection errors, timeouts, every
+5xx, 401/403 (credentials can be fixed, and the spool flushed later), 408, 429 and any reply that
+says the store is busy ("database is locked") are retried with backoff, in order. Only a 4xx that
+can never succeed (a malformed metric name, a param changed in place) is dropped, and it is
+logged with the record. A merged batch that is refused is first resent record by record, so one
+bad record never takes its neighbours with it.
+
+A spool that cannot be written (a full disk, a read-only or missing folder) turns the tracker into
+an in-memory one with a warning: records wait in memory, at most ``memory_records`` of them; past
+that the oldest metrics records are dropped, counted and logged. Nothing raises into training.
+
 Spool layout (one folder per run)::
 
     meta.json     {"uri": ..., "run_id": ...}
@@ -41,11 +52,32 @@ def default_spool_root() -> Path:
     return Path(tempfile.gettempdir()) / "cliplab-mlflow-spool"
 
 
-def _permanent(err: Exception) -> bool:
-    """A request the server understood and refused (bad value): retrying cannot help."""
-    from mlflow.exceptions import RestException
+RETRY_STATUS = (401, 403, 408, 429)  # 4xx that can succeed later: credentials fixed, a timeout, a rate limit
+# a store that is busy, whatever status it came with (not words a param name or value could hold, like "timeout")
+TRANSIENT_TEXT = ("database is locked", "deadlock detected", "try again later", "temporarily unavailable")
 
-    return isinstance(err, RestException)
+
+def is_permanent(err: Exception) -> bool:
+    """A request the server understood and refused for good (HTTP 4xx, e.g. INVALID_PARAMETER_VALUE),
+    so retrying cannot help. Everything else (network errors, 5xx, a locked database, an
+    authentication failure, a rate limit) is transient."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(err, MlflowException):
+        return False
+    text = str(err).lower()
+    if any(word in text for word in TRANSIENT_TEXT):
+        return False
+    status = err.get_http_status_code()
+    return 400 <= status < 500 and status not in RETRY_STATUS
+
+
+def _describe(err: Exception) -> str:
+    from mlflow.exceptions import MlflowException
+
+    status = f"HTTP {err.get_http_status_code()} " if isinstance(err, MlflowException) else ""
+    text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    return f"{status}{type(err).__name__}" + (f": {text}" if text else "")
 
 
 class Sender:
@@ -83,10 +115,10 @@ def head_data(records: list[dict]) -> dict:
     return records[0]["data"]
 
 
-def _next_batch(queue: deque) -> list[dict]:
-    """The head record, merged with the metric records right behind it."""
+def _next_batch(queue: deque, merge: bool = True) -> list[dict]:
+    """The head record, merged (unless ``merge`` is False) with the metric records right behind it."""
     batch = [queue[0]]
-    if batch[0]["op"] == "metrics":
+    if merge and batch[0]["op"] == "metrics":
         count = len(batch[0]["data"])
         for rec in list(queue)[1:]:
             if rec["op"] != "metrics" or count + len(rec["data"]) > 10 * MAX_METRICS_PER_BATCH:
@@ -101,28 +133,38 @@ class SpoolingTracker:
 
     def __init__(self, uri: str, run_id: str, *, spool_root: str | Path | None = None,
                  redactor: Redactor | None = None, flush_timeout_s: float = 120.0,
-                 retry_s: float = 1.0, max_retry_s: float = 10.0) -> None:
+                 retry_s: float = 1.0, max_retry_s: float = 10.0, memory_records: int = 20_000) -> None:
         self.uri, self.run_id = uri, run_id
         self.redactor = redactor or Redactor()
         self.flush_timeout_s = flush_timeout_s
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
+        self.memory_records = max(1, memory_records)
         self.spool = Path(spool_root or default_spool_root()) / run_id
-        (self.spool / "artifacts").mkdir(parents=True, exist_ok=True)
-        meta = self.spool / "meta.json"
-        meta.write_text(json.dumps({"uri": uri, "run_id": run_id}))  # local only, owner-readable
-        meta.chmod(0o600)
-        # a run restarted from a checkpoint reuses its run id: send what the previous process left unsent
-        leftovers, last_seq = _unsent(self.spool)
-        leftovers = [r for r in leftovers if r["op"] != "finish"]  # this process decides how the run ends
-        self._ops = open(self.spool / "ops.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
-        self._queue: deque = deque(leftovers)
-        self._cond = threading.Condition()
-        self._seq = last_seq + 1
-        self._closed = False
         self.metrics_produced = 0
         self.metrics_sent = 0
         self.dropped: list[str] = []
+        self.overflowed = 0  # metrics records dropped because the spool disk and the memory buffer were full
         self.outages = 0
+        self.on_disk = True
+        self._ops = None
+        self._cond = threading.Condition()
+        self._inflight = 0  # records at the queue's head that the sender is sending now
+        self._solo = 0  # records to send one by one (after a merged batch was refused)
+        leftovers, last_seq = [], -1
+        try:
+            (self.spool / "artifacts").mkdir(parents=True, exist_ok=True)
+            meta = self.spool / "meta.json"
+            meta.write_text(json.dumps({"uri": uri, "run_id": run_id}))  # local only, owner-readable
+            meta.chmod(0o600)
+            # a run restarted from a checkpoint reuses its run id: send what the previous process left unsent
+            leftovers, last_seq = _unsent(self.spool)
+            leftovers = [r for r in leftovers if r["op"] != "finish"]  # this process decides how the run ends
+            self._ops = open(self.spool / "ops.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        except OSError as err:
+            self._to_memory(err)
+        self._queue: deque = deque(leftovers)
+        self._seq = last_seq + 1
+        self._closed = False
         self._sender = Sender(uri, run_id, self.spool)
         self._thread = threading.Thread(target=self._run, name="cliplab-mlflow-sender", daemon=True)
         self._thread.start()
@@ -144,11 +186,25 @@ class SpoolingTracker:
         with self._cond:
             slot = f"artifacts/{self._seq}/{path.name}"
         dest = self.spool / slot
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        text = None
         if path.suffix.lower() in TEXT_SUFFIXES:
-            dest.write_text(self.redactor.text(path.read_text(encoding="utf-8", errors="replace")), encoding="utf-8")
-        else:
-            shutil.copyfile(path, dest)
+            text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            if not self.on_disk:
+                raise OSError("the spool is in memory")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if text is not None:
+                dest.write_text(self.redactor.text(text), encoding="utf-8")
+            else:
+                shutil.copyfile(path, dest)
+        except OSError as err:
+            if self.on_disk:
+                self._to_memory(err)
+            if text is not None and self.redactor.text(text) != text:
+                self._drop_record(f"artifact {path.name}: the spool disk is full and the file holds secrets that "
+                                  "must be masked in a copy")
+                return
+            slot = str(path.resolve())  # send the original file (absolute: the spool folder is ignored)
         self._put({"op": "artifact", "file": slot, "artifact_path": artifact_path})
 
     def finish(self, status="FINISHED"):
@@ -158,9 +214,13 @@ class SpoolingTracker:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=5)
-        self._ops.close()
+        self._close_ops()
         if drained:
             shutil.rmtree(self.spool, ignore_errors=True)
+        elif not self.on_disk:
+            log.warning("MLflow at %s did not take %d tracking records of run %s in %.0f s, and the spool %s "
+                        "could not be written: they are lost", self.uri, len(self._queue), self.run_id,
+                        self.flush_timeout_s, self.spool)
         else:
             log.warning("MLflow at %s did not take %d tracking records of run %s in %.0f s; they are kept in "
                         "%s. Send them later with `cliplab tracking flush %s`.",
@@ -189,10 +249,49 @@ class SpoolingTracker:
                 raise RuntimeError("tracker already finished")
             record["seq"] = self._seq
             self._seq += 1
-            self._ops.write(json.dumps(record) + "\n")
-            self._ops.flush()
+            if self.on_disk:
+                try:
+                    self._ops.write(json.dumps(record) + "\n")
+                    self._ops.flush()
+                except OSError as err:
+                    self._to_memory(err)
             self._queue.append(record)
+            if not self.on_disk and len(self._queue) > self.memory_records and record["op"] != "finish":
+                self._overflow()
             self._cond.notify_all()
+
+    def _to_memory(self, err: OSError) -> None:
+        """The spool cannot be written: keep records in memory from now on (caller may hold the lock)."""
+        self.on_disk = False
+        self._close_ops()
+        log.warning("the tracking spool %s cannot be written (%s); MLflow records of run %s are kept in memory "
+                    "from now on, at most %d (beyond that the oldest metrics are dropped): free space there or "
+                    "set tracking.spool_dir", self.spool, err.strerror or err, self.run_id, self.memory_records)
+
+    def _close_ops(self) -> None:
+        ops, self._ops = self._ops, None
+        if ops is not None:
+            try:
+                ops.close()
+            except OSError:  # the buffered tail of a full disk
+                pass
+
+    def _overflow(self) -> None:
+        """Drop the oldest metrics record the sender is not sending (the lock is held)."""
+        for i in range(self._inflight, len(self._queue)):
+            if self._queue[i]["op"] == "metrics":
+                rec = self._queue[i]
+                del self._queue[i]
+                self.overflowed += 1
+                if self.overflowed == 1 or self.overflowed % 1000 == 0:
+                    log.warning("the tracking spool is not writable and %d records wait for MLflow at %s: dropped "
+                                "%d metrics records so far, oldest first (this one: step %s)", self.memory_records,
+                                self.uri, self.overflowed, rec.get("step"))
+                return
+
+    def _drop_record(self, why: str) -> None:
+        self.dropped.append(why)
+        log.warning("tracking record of run %s dropped: %s", self.run_id, why)
 
     def _run(self) -> None:
         delay = self.retry_s
@@ -202,18 +301,29 @@ class SpoolingTracker:
                     self._cond.wait()
                 if not self._queue:
                     return
-                batch = _next_batch(self._queue)
+                batch = _next_batch(self._queue, merge=not self._solo)
+                self._inflight = len(batch)
             try:
                 self._sender.send(batch)
             except Exception as err:  # noqa: BLE001 - any failure: keep the records, retry or drop
-                if _permanent(err):
-                    self.dropped.append(f"seq {batch[0]['seq']} ({batch[0]['op']}): {err}")
-                    log.warning("MLflow refused a %s record of run %s: %s", batch[0]["op"], self.run_id, err)
+                if is_permanent(err) and len(batch) > 1:
+                    with self._cond:
+                        self._inflight = 0
+                        self._solo = len(batch)  # find the bad record: resend these one by one
+                    continue
+                if is_permanent(err):
+                    rec = json.dumps(batch[0])
+                    self._drop_record(f"MLflow refused it for good ({_describe(err)}): "
+                                      f"{rec[:2000]}{' ...' if len(rec) > 2000 else ''}")
                 else:
+                    with self._cond:
+                        self._inflight = 0
                     if delay == self.retry_s:
                         self.outages += 1
-                        log.warning("MLflow at %s is unreachable (%s); training goes on and tracking records "
-                                    "are buffered in %s", self.uri, type(err).__name__, self.spool)
+                        where = str(self.spool) if self.on_disk else "memory"
+                        log.warning("MLflow at %s did not take tracking records (%s); training goes on, the "
+                                    "records wait in %s and are retried with backoff", self.uri, _describe(err),
+                                    where)
                     with self._cond:
                         if self._closed:
                             return
@@ -226,7 +336,13 @@ class SpoolingTracker:
                     rec = self._queue.popleft()
                     if rec["op"] == "metrics":
                         self.metrics_sent += len(rec["data"])
-                (self.spool / "acked").write_text(str(batch[-1]["seq"]))
+                self._inflight = 0
+                self._solo = max(0, self._solo - len(batch))
+                if self.on_disk:
+                    try:
+                        (self.spool / "acked").write_text(str(batch[-1]["seq"]))
+                    except OSError as err:
+                        self._to_memory(err)
                 self._cond.notify_all()
 
 
