@@ -127,8 +127,14 @@ def test_resume_and_restart_refuse_a_planted_trainer_state(tmp_path, s3_server, 
     (what a FailureConfig restart runs) refuses it too and ends the run without a restart."""
     from cliplab.errors import TrainingError
     from cliplab.train.checkpoint import latest_checkpoint
-    from cliplab.train.launch import build_datasets, build_trainer, preflight, raise_if_stopped, run_training, \
-        steps_per_epoch
+    from cliplab.train.launch import (
+        build_datasets,
+        build_trainer,
+        preflight,
+        raise_if_stopped,
+        run_training,
+        steps_per_epoch,
+    )
 
     cfg = experiment(tmp_path, s3_server, mlflow_server, **{"train.num_workers": 1, "train.max_steps": 2,
                                                             "train.checkpoint_every": 100, "train.max_failures": 2,

@@ -41,3 +41,14 @@ class DistContext:
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(out, t.contiguous())
         return torch.cat(out, dim=0)
+
+    def broadcast_flag(self, value: bool, src: int = 0) -> bool:
+        """Rank ``src``'s ``value`` on every rank (a collective: call it on all ranks at once)."""
+        if self.world_size == 1:
+            return bool(value)
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":  # NCCL moves only CUDA tensors
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([1 if value else 0], dtype=torch.int32, device=device)
+        dist.broadcast(flag, src=src)
+        return bool(flag.item())

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones restart "
                         "from their checkpoints")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: let trials continue even though the shards or data.* changed since their "
+                        "checkpoints (their saved data positions then apply to the new plan)")
     p.set_defaults(func=run)
 
 
@@ -57,20 +60,21 @@ def print_outcome(sweep, outcome) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cliplab.tune import load_sweep, run_sweep
-
-    sweep = load_sweep(args.file, args.overrides)
     import dataclasses
 
     from cliplab.errors import ConfigError
-    print(f"sweep {sweep.name}: {sweep.hypothesis.splitlines()[0] if sweep.hypothesis else ''}")
+    from cliplab.tune import load_sweep, run_sweep
     from cliplab.tune.capacity import parse_resources
-    outcome = run_sweep(sweep, address=args.address, register=not args.no_register, resume=args.resume)
-    print_outcome(sweep, outcome)
+
+    sweep = load_sweep(args.file, args.overrides)
     if args.max_node_resources:
         sweep = dataclasses.replace(sweep, max_node_resources=parse_resources(args.max_node_resources))
     if args.scale_up_timeout is not None:
         if not args.scale_up_timeout > 0:
             raise ConfigError(f"--scale-up-timeout must be > 0 seconds, got {args.scale_up_timeout:g}")
         sweep = dataclasses.replace(sweep, scale_up_timeout_s=args.scale_up_timeout)
+    print(f"sweep {sweep.name}: {sweep.hypothesis.splitlines()[0] if sweep.hypothesis else ''}")
+    outcome = run_sweep(sweep, address=args.address, register=not args.no_register, resume=args.resume,
+                        allow_data_change=args.allow_data_change)
+    print_outcome(sweep, outcome)
     return 0 if outcome.best and not outcome.errors else 1

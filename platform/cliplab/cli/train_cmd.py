@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "storage_path); without CONFIG the run's own config is reused")
     p.add_argument("--storage-path", default=None,
                    help="where runs live, for --resume without CONFIG (default: .cliplab/runs)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even though the shards or data.* changed since the checkpoint "
+                        "(the saved data position then applies to the new plan: some samples repeat or are missed)")
     p.set_defaults(func=run)
 
 
@@ -46,6 +49,14 @@ def _resume_config(args: argparse.Namespace):
         raise ConfigError(f"no complete checkpoint under {run_uri}: check the run name and "
                           "--storage-path, or start it again with `cliplab train CONFIG`")
     cfg = with_overrides(read_config(*found), dict(parse_override(o) for o in args.overrides))
+    from cliplab.config import to_dict
+    from cliplab.tracking.secrets import masked_fields
+
+    masked = masked_fields(to_dict(cfg))
+    if masked:
+        raise ConfigError(f"the checkpoint's config.json has secrets masked in {', '.join(masked)}: give them again "
+                          f"(--set {masked[0]}=...), or keep them out of the config (MLFLOW_TRACKING_USERNAME/"
+                          "PASSWORD, AWS_* from the environment or a Kubernetes Secret)")
     validate(cfg)
     return cfg
 
@@ -67,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.resume:
         print(f"resuming run {args.resume} from its latest checkpoint")
-    result = run_training(cfg, address=args.address, name=args.resume or args.name)
+    result = run_training(cfg, address=args.address, name=args.resume or args.name,
+                          allow_data_change=args.allow_data_change)
     if result.error:
         print(f"training failed: {result.error}")
         return 1

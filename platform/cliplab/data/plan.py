@@ -123,3 +123,43 @@ def read_spec(index: TrainIndex, plan: RankPlan, lo: int, hi: int) -> dict:
         if str(g) not in shards:
             shards[str(g)] = [shard.path, bool(index.is_s3[index.shard_source[g]]), index.url_of(g)]
     return {"rows": rows, "shards": shards}
+
+
+# -- resume integrity ---------------------------------------------------------------------------
+PLAN_KEYS = ("seed", "shuffle_files", "shuffle_window", "batch_size")  # data.* that shape the plan and position
+
+
+def fingerprint(index: TrainIndex, data_cfg) -> dict:
+    """What a checkpoint's data position is relative to: every shard (as listed, with its usable
+    sample count), the sources' names and weights, and the ``data.*`` keys that shape the plan.
+    Plain types only (it is saved in ``trainer.pt``)."""
+    return {"shards": [index.url_of(g) for g in range(len(index.shards))],
+            "counts": [int(c) for c in index.counts()],
+            "sources": [[n, float(w)] for n, w in zip(index.names, index.weights, strict=True)],
+            "config": {k: getattr(data_cfg, k) for k in PLAN_KEYS}}
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def data_changes(saved: dict, current: dict) -> list[str]:
+    """What differs between a checkpoint's :func:`fingerprint` and the current one, one phrase each
+    (empty when the plan is the same)."""
+    out = [f"data.{k} {saved['config'].get(k)!r} → {current['config'].get(k)!r}"
+           for k in current["config"] if saved.get("config", {}).get(k) != current["config"][k]]
+    if [tuple(s) for s in saved.get("sources", [])] != [tuple(s) for s in current["sources"]]:
+        out.append(f"sources {saved.get('sources')} → {current['sources']}")
+    was = dict(zip(saved.get("shards", []), saved.get("counts", []), strict=True))
+    now = dict(zip(current["shards"], current["counts"], strict=True))
+    added, removed = [s for s in now if s not in was], [s for s in was if s not in now]
+    if added:
+        out.append(f"{len(added)} shard(s) added ({_some(added)})")
+    if removed:
+        out.append(f"{len(removed)} shard(s) removed ({_some(removed)})")
+    recounted = [f"{s} {was[s]} → {now[s]} samples" for s in now if s in was and was[s] != now[s]]
+    if recounted:
+        out.append(f"{len(recounted)} shard(s) changed ({_some(recounted)})")
+    if not (added or removed or recounted) and list(was) != list(now):
+        out.append("the shard order changed")
+    return out

@@ -199,23 +199,71 @@ def init_ray(address: str | None = None) -> None:
              **({} if inside_job else {"runtime_env": {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}}))
 
 
-def run_training(cfg: ExperimentConfig, *, address: str | None = None, name: str | None = None):
+def run_training(cfg: ExperimentConfig, *, address: str | None = None, name: str | None = None,
+                 allow_data_change: bool = False):
     """``cliplab train``: preflight, then one TorchTrainer run. Returns the Ray Train Result;
-    raises :class:`TrainingError` when the workers fail for good."""
+    raises :class:`TrainingError` when the workers fail for good or the run stops early (a NaN
+    streak), and a :class:`DataError` when the run to resume was trained on other data."""
     from ray.train import TrainingFailedError
 
     prep = preflight(cfg)
+    name = name or unique_name(cfg.name)
+    check_resume(cfg, name, train_index(cfg, prep), allow_data_change=allow_data_change)
     init_ray(address)
     datasets = build_datasets(prep)
     steps = steps_per_epoch(cfg, prep.train)
-    name = name or unique_name(cfg.name)
-    trainer = build_trainer(prep, name=name, datasets=datasets, steps=steps)
+    trainer = build_trainer(prep, name=name, datasets=datasets, steps=steps,
+                            extra={"allow_data_change": allow_data_change})
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except TrainingFailedError as err:
         raise TrainingError(f"run '{name}' failed after {cfg.train.max_failures} restart(s): {failure_summary(err)}. "
                             f"Once that is fixed, continue from its last complete checkpoint with `cliplab train "
                             f"--resume {name} --storage-path {cfg.storage_path}` (worker logs: Ray dashboard)") from None
+    raise_if_stopped(result, name, cfg)
+    return result
+
+
+STOPPED = "cliplab/stopped"  # the workers ended the run early, for this reason
+
+
+def raise_if_stopped(result, name: str, cfg: ExperimentConfig) -> None:
+    """The workers stop a run that a restart would only repeat (a NaN streak, a refused
+    checkpoint, changed data) by returning the reason instead of raising it: Ray Train retries
+    every worker error (its failure policy has no non-retryable kind) and keeps only a clean
+    return's value (``Result.return_value``, rank 0's). Here it becomes the one-line
+    :class:`TrainingError`."""
+    stopped = result.return_value if isinstance(result.return_value, dict) else {}
+    reason = stopped.get(STOPPED)
+    if reason:
+        raise TrainingError(f"run '{name}' stopped at step {stopped.get('step')}, without a restart: "
+                            f"{reason} (resume with `cliplab train --resume {name} --storage-path "
+                            f"{cfg.storage_path}`)")
+
+
+def data_changed_message(checkpoint: str, step: int, changes: list[str]) -> str:
+    return (f"the training data changed since checkpoint {checkpoint} (step {step}): {'; '.join(changes)}. "
+            "Resuming would repeat some samples and skip others; resume on the data it was trained on, or pass "
+            "--allow-data-change to continue from the saved position in the new plan")
+
+
+def check_resume(cfg: ExperimentConfig, name: str, index, *, allow_data_change: bool = False) -> None:
+    """Before Ray resumes run ``name`` (it does when the name has a checkpoint in storage): its
+    latest complete checkpoint's trainer state must load safely (tensors and plain types only)
+    and, unless ``allow_data_change``, must have been trained on the same shards and plan."""
+    from cliplab.data import plan
+    from cliplab.train.checkpoint import latest_in_storage, read_trainer_state
+
+    found = latest_in_storage(f"{storage_path(cfg).rstrip('/')}/{name}", cfg.data.s3)
+    if found is None:
+        return
+    state = read_trainer_state(*found)
+    saved = state.get("data_fingerprint")
+    if saved is None or allow_data_change:
+        return  # a checkpoint from before fingerprints: nothing to compare
+    changes = plan.data_changes(saved, plan.fingerprint(index, cfg.data))
+    if changes:
+        raise DataError(data_changed_message(found[1], state.get("step", "?"), changes))
 
 
 def failure_summary(err: BaseException) -> str:

@@ -83,8 +83,6 @@ def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-
-
 def _extras(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"caption_embeddings": batch["caption_embedding"]} if "caption_embedding" in batch else {}
 
@@ -195,11 +193,12 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, sche
     lr = scheduler.get_last_lr()[0]
     if not finite:
         optimizer.zero_grad(set_to_none=True)
+        bad = {f"nonfinite/{k}": v for k, v in metrics.items() if not math.isfinite(v)}  # what went wrong here
         if scaler is None:
-            return {"train/nonfinite": 1.0, "train/lr": lr}
+            return {"train/nonfinite": 1.0, "train/lr": lr, **bad}
         scaler.update()  # non-finite gradients lower the scale
         overflow = _on_every_rank(math.isfinite(metrics["train/loss"]), ctx, out.loss.device)
-        return {"train/nonfinite": 1.0, "train/fp16_overflow": float(overflow), "train/lr": lr}
+        return {"train/nonfinite": 1.0, "train/fp16_overflow": float(overflow), "train/lr": lr, **bad}
     if scaler is not None:
         scaler.step(optimizer)  # already unscaled, and finite: it steps
         scaler.update()  # and grows the scale after enough good steps
@@ -216,13 +215,15 @@ class NonFiniteGuard:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.in_row, self.total = limit, 0, 0
+        self.bad: dict[str, float] = {}  # the metrics that were not finite in the streak, by name
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
-        """True when the step was skipped. Raises :class:`NonFiniteLossError` at the limit. An fp16
-        overflow (a finite loss whose scaled gradients overflowed; the scaler has lowered its scale)
-        is skipped without counting towards the limit, unless :data:`MAX_FP16_OVERFLOWS` come in a row."""
+        """True when the step was skipped. Raises :class:`NonFiniteLossError` at the limit, naming
+        the step and the metrics that were not finite (on this rank). An fp16 overflow (a finite
+        loss whose scaled gradients overflowed; the scaler has lowered its scale) is skipped
+        without counting towards the limit, unless :data:`MAX_FP16_OVERFLOWS` come in a row."""
         if metrics.get("train/nonfinite", 0.0) == 0.0:
-            self.in_row = self.overflows_in_row = 0
+            self.in_row, self.bad, self.overflows_in_row = 0, {}, 0
             return False
         if metrics.get("train/fp16_overflow", 0.0) == 1.0:
             self.overflows_in_row = getattr(self, "overflows_in_row", 0) + 1
@@ -233,10 +234,13 @@ class NonFiniteGuard:
             return True
         self.in_row += 1
         self.total += 1
+        self.bad.update({k[len("nonfinite/"):]: v for k, v in metrics.items() if k.startswith("nonfinite/")})
         if self.in_row >= self.limit:
+            which = ", ".join(f"{k}={v}" for k, v in sorted(self.bad.items())) or "on another rank"
             raise NonFiniteLossError(
-                f"{self.in_row} non-finite losses in a row after step {step} ({self.total} skipped in all); "
-                "the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip_norm, or check the data.")
+                f"{self.in_row} non-finite losses in a row after step {step} ({self.total} skipped in all; "
+                f"not finite: {which}); the last good checkpoint is kept. Lower optim.lr, set "
+                "optim.grad_clip_norm, or check the data.")
         return True
 
 
@@ -245,3 +249,28 @@ MAX_FP16_OVERFLOWS = 40  # the gradient scale halves each time: 2^16 → 2^-24
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class CheckpointTimer:
+    """When to checkpoint: every ``every_steps`` steps, and (with ``every_minutes``) when that much
+    time has passed since the last one. The clocks of the ranks disagree, so rank 0 decides the
+    time-based checkpoints and broadcasts its decision (a collective on every rank, each step,
+    only when ``every_minutes`` is set): checkpointing is a collective too, and ranks that
+    decided differently would wait for each other forever."""
+
+    def __init__(self, every_steps: int, every_minutes: float | None, ctx: DistContext, clock=None) -> None:
+        import time
+
+        self.every_steps, self.every_minutes, self.ctx = every_steps, every_minutes, ctx
+        self.clock = clock or time.monotonic
+        self.last = self.clock()
+
+    def due(self, step: int) -> bool:
+        if step % self.every_steps == 0:
+            return True  # the same step on every rank: no collective needed
+        if self.every_minutes is None:
+            return False
+        return self.ctx.broadcast_flag(self.clock() - self.last >= 60 * self.every_minutes)
+
+    def done(self) -> None:
+        self.last = self.clock()

@@ -5,22 +5,25 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from cliplab.config import ExperimentConfig, flatten, from_dict, to_dict
+from cliplab.data import plan
 from cliplab.distributed import DistContext
 from cliplab.eval import evaluate_module
 from cliplab.models import build_dual_encoder
 from cliplab.tracking import build_tracker
 from cliplab.tracking.artifacts import plot_curves, provenance, write_config, write_eval_report
 from cliplab.train import checkpoint as ckpt
+from cliplab.train.launch import STOPPED, data_changed_message
 from cliplab.train.metering import Throughput, count_flops
 from cliplab.train.schedule import build_scheduler, restore_scheduler
 from cliplab.train.step import (
+    CheckpointTimer,
     NonFiniteGuard,
+    NonFiniteLossError,
     build_optimizer,
     configure_device,
     grad_scaler,
@@ -35,22 +38,48 @@ def _persist_checkpoint(checkpoint, dir_name: str):
     :func:`~cliplab.data.sources.put_file`, which raises when a file does not arrive whole.
     Ray's default upload (pyarrow's ``copy_files``) only logs a failed S3 part upload, so a lost
     checkpoint was reported as saved; now the worker fails and ``train.max_failures`` applies.
-    The ``COMPLETE`` marker goes last, so a checkpoint cut off mid-upload never looks complete."""
+    The ``COMPLETE`` marker goes last, so a checkpoint cut off mid-upload never looks complete.
+
+    On a local or shared (NFS) folder Ray's own copy is kept (it also checks that this worker sees
+    the driver's folder, which a local path on a multi-node cluster would not), but it copies the
+    files in no fixed order: the marker is held back from it, each copied file's size is checked,
+    and only then is the marker written (to a temporary name, then renamed)."""
     import ray.train
 
     from cliplab.data.sources import OBJECT_STORES, put_files
 
     storage = ray.train.get_context().get_storage()  # Ray's DeveloperAPI: the run's filesystem and paths
     if storage.storage_filesystem.type_name not in OBJECT_STORES:
-        # a local or shared folder: write errors raise there, and Ray's own copy also checks that
-        # this worker sees the driver's folder (a local path on a multi-node cluster would not)
-        return storage.persist_current_checkpoint(checkpoint, dir_name)
+        return _persist_to_folder(storage, checkpoint, dir_name)
     dest = storage.build_checkpoint_path_from_name(dir_name)
     local = Path(checkpoint.path)
     storage.storage_filesystem.create_dir(dest)  # as Ray's own upload does
     files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == ckpt.MARKER, str(p)))
     put_files(storage.storage_filesystem, local, files, dest)
     return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+
+def _persist_to_folder(storage, checkpoint, dir_name: str):
+    """:func:`_persist_checkpoint` on a local or shared folder: everything but the marker by Ray's
+    copy, each file's size verified, then the marker, atomically."""
+    from cliplab.data.sources import put_file
+
+    local = Path(checkpoint.path)
+    marker = local / ckpt.MARKER
+    held = marker.read_bytes() if marker.is_file() else None
+    marker.unlink(missing_ok=True)  # Ray copies the rest, in its own order
+    persisted = storage.persist_current_checkpoint(checkpoint, dir_name)
+    filesystem, dest = storage.storage_filesystem, persisted.path
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        target = f"{dest}/{f.relative_to(local).as_posix()}"
+        stored = filesystem.get_file_info(target).size
+        if stored != f.stat().st_size:
+            raise OSError(f"{target} holds {stored} bytes after copying {f.stat().st_size} bytes from {f}")
+    if held is not None:
+        marker.write_bytes(held)
+        put_file(filesystem, marker, f"{dest}/.{ckpt.MARKER}.tmp")
+        filesystem.move(f"{dest}/.{ckpt.MARKER}.tmp", f"{dest}/{ckpt.MARKER}")  # a rename: all or nothing
+    return persisted
 
 
 def _evaluate(model, bundle, cfg: ExperimentConfig) -> dict[str, float]:
@@ -80,7 +109,7 @@ def _device() -> torch.device:
     return device
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train
     import ray.train.torch
 
@@ -107,11 +136,14 @@ def train_loop_per_worker(config: dict) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:  # a FailureConfig restart or `cliplab train --resume`
         with resume.as_directory() as d:
-            ckpt.load_weights(Path(d), module)
-            state = ckpt.load_trainer_state(Path(d))
+            try:
+                ckpt.load_weights(Path(d), module)
+                state = ckpt.load_trainer_state(Path(d))
+            except ckpt.UnsafeCheckpointError as err:  # the same on every rank and every retry: no restart
+                return {STOPPED: str(err), "step": 0}
         if state.get("frozen", frozen) != frozen:  # the optimizer's state would not fit its parameters
-            raise RuntimeError(f"{resume.path} was trained with other frozen parameters (model.lock_*): "
-                               "resume it with the model.lock_* settings of its config.json")
+            return {STOPPED: f"{resume.path} was trained with other frozen parameters (model.lock_*): "
+                             "resume it with the model.lock_* settings of its config.json", "step": 0}
         optimizer.load_state_dict(state["optimizer"])
         step, start_epoch, run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
         restore_scheduler(scheduler, state["scheduler"], step)  # a changed budget never raises the lr
@@ -123,6 +155,15 @@ def train_loop_per_worker(config: dict) -> None:
         module.compile_encoders()
     model = ray.train.torch.prepare_model(module, move_to_device=device)
     ctx = DistContext.current()
+    data = _train_stream(cfg, config["steps_per_epoch"], rank, ctx.world_size, device)
+    fingerprint = plan.fingerprint(data.index, cfg.data)  # saved with each checkpoint's data position
+    if resume is not None:
+        changed = plan.data_changes(state.get("data_fingerprint") or fingerprint, fingerprint)
+        if changed and not config.get("allow_data_change"):
+            return {STOPPED: data_changed_message(resume.path, state["step"], changed), "step": step}
+        if changed:
+            logging.getLogger(__name__).warning("resuming on changed data (%s): the saved data position is "
+                                                "applied to the new plan", "; ".join(changed))
 
     trial = config.get("trial_name") or cfg.tracking.run_name or cfg.name
     tracker = build_tracker(cfg.tracking, rank=rank, run_name=trial, run_id=run_id,
@@ -141,7 +182,8 @@ def train_loop_per_worker(config: dict) -> None:
     history: list[tuple[int, dict[str, float]]] = []  # rank 0's logged metrics, for the curves plot
     monitor = _start_system_metrics(cfg, tracker)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
-    last_checkpoint_time = time.monotonic()
+    timer = CheckpointTimer(cfg.train.checkpoint_every, cfg.train.checkpoint_every_minutes, ctx)
+    stopped: str | None = None  # why the run ends early, for good (no Ray restart would help)
 
     def log(metrics: dict[str, float]) -> None:
         if rank == 0:
@@ -149,7 +191,6 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.log_metrics(metrics, step)
 
     def report(metrics: dict, with_checkpoint: bool, epoch: int) -> None:
-        nonlocal last_checkpoint_time
         metrics = {**metrics, "step": step, "epoch": epoch, "mlflow_run_id": getattr(tracker, "run_id", None) or ""}
         if not with_checkpoint:
             ray.train.report(metrics)
@@ -160,18 +201,13 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 ckpt.save_checkpoint(Path(tmp), unwrap(model), optimizer, scheduler, step=step, epoch=epoch,
                                      cfg=cfg, extra={"mlflow_run_id": getattr(tracker, "run_id", None),
-                                                     "data_position": position, "frozen": frozen,
+                                                     "data_position": position, "data_fingerprint": fingerprint,
+                                                     "frozen": frozen,
                                                      "scaler": scaler.state_dict() if scaler is not None else None})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=_persist_checkpoint)
-        last_checkpoint_time = time.monotonic()
+        timer.done()
 
-    def checkpoint_due() -> bool:
-        minutes = cfg.train.checkpoint_every_minutes
-        return step % cfg.train.checkpoint_every == 0 or (
-            minutes is not None and time.monotonic() - last_checkpoint_time >= 60 * minutes)
-
-    data = _train_stream(cfg, config["steps_per_epoch"], rank, ctx.world_size, device)
     data.restore(data_position)
     meter = Throughput(ctx.world_size)
     step_kwargs = {"accum_steps": cfg.train.accum_steps, "grad_clip_norm": cfg.optim.grad_clip_norm,
@@ -189,7 +225,12 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 metrics = step_fn()
             meter.step_done(len(batch["image"]))
-            if guard.update(metrics, step):
+            try:
+                skipped = guard.update(metrics, step)
+            except NonFiniteLossError as err:  # every rank at once: the finite flag is all-reduced
+                stopped = str(err)
+                break
+            if skipped:
                 log({"train/nonfinite_skipped": float(guard.total)})
                 continue
             step += 1
@@ -202,8 +243,10 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0:
                 log(_evaluate(model, bundle, cfg) if rank == 0 else {})
-            if checkpoint_due():
+            if timer.due(step):
                 report(metrics, with_checkpoint=True, epoch=epoch)
+        if stopped is not None:
+            break
         if step < total_steps:
             epoch += 1  # a full pass; a run stopped by max_steps resumes inside the same epoch
         last = epoch >= cfg.train.epochs or step >= total_steps
@@ -213,6 +256,15 @@ def train_loop_per_worker(config: dict) -> None:
             log({k: v for k, v in metrics.items() if k.startswith("val/")})
         if not last:
             report(metrics, with_checkpoint=False, epoch=epoch)
+    if stopped is not None:
+        # an error that a restart would only repeat: end cleanly (Ray Train retries only failed
+        # workers), keep the last good checkpoint, mark the MLflow run FAILED with its spool
+        # flushed; the driver turns the return value into the error (launch.raise_if_stopped)
+        if monitor is not None:
+            _stop_system_metrics(monitor)
+        tracker.set_tags({"cliplab.stopped": stopped})
+        tracker.finish("FAILED")
+        return {STOPPED: stopped, "step": step}
     # the final report always carries a checkpoint (what sweeps register) and the final eval
     report(metrics, with_checkpoint=True, epoch=epoch)
     if rank == 0:
@@ -220,6 +272,7 @@ def train_loop_per_worker(config: dict) -> None:
     if monitor is not None:
         _stop_system_metrics(monitor)
     tracker.finish()
+    return None
 
 
 def _train_stream(cfg: ExperimentConfig, steps_per_epoch: int, rank: int, world: int, device):

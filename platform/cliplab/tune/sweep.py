@@ -200,21 +200,25 @@ def _enumerable_points(space: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict, steps: int, sweep: str,
-           parent_run_id: str | None) -> None:
+           parent_run_id: str | None, allow_data_change: bool = False) -> None:
     """The Tune trainable: one TorchTrainer per trial, reporting through TuneReportCallback.
     Its Ray Train run is named after the trial, so a restarted trial resumes from its checkpoint."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cliplab.train.launch import Prepared, build_datasets, build_trainer
+    from cliplab.train.launch import STOPPED, Prepared, build_datasets, build_trainer
 
     cfg = with_overrides(base, params)
     trial = tune.get_context().get_trial_name()
     prep = Prepared(cfg=cfg, **prep_fields)
     trainer = build_trainer(prep, name=f"{sweep}-{trial}", datasets=build_datasets(prep), steps=steps,
                             callbacks=[TuneReportCallback()],
-                            extra={"trial_name": trial, "sweep": sweep, "parent_run_id": parent_run_id})
-    trainer.fit()
+                            extra={"trial_name": trial, "sweep": sweep, "parent_run_id": parent_run_id,
+                                   "allow_data_change": allow_data_change})
+    result = trainer.fit()
+    stopped = result.return_value if isinstance(result.return_value, dict) else {}
+    if stopped.get(STOPPED):  # a NaN streak or changed data: reported, not raised (Tune would retry an error)
+        tune.report({STOPPED: stopped[STOPPED], "step": stopped.get("step", 0)})
 
 
 def _upload(local_root: Path, files, folder: str, s3cfg) -> None:
@@ -237,12 +241,12 @@ def sweep_dir(sweep: Sweep) -> str:
 
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True,
-              resume: bool = False) -> SweepOutcome:
+              resume: bool = False, allow_data_change: bool = False) -> SweepOutcome:
     """Run (or with ``resume`` continue) a sweep; then report, plot, log the parent MLflow run and
     register the best trial (champion only if it beats the current one, else challenger)."""
     from ray import tune
 
-    from cliplab.train.launch import init_ray, preflight, steps_per_epoch, storage_kwargs
+    from cliplab.train.launch import STOPPED, init_ray, preflight, steps_per_epoch, storage_kwargs
     from cliplab.tune import report
     from cliplab.tune.capacity import wait_for_capacity
     from cliplab.tune.parent import ParentRun
@@ -259,7 +263,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     parent = ParentRun.open(sweep, path, resume=resume)
     trainable = tune.with_resources(tune.with_parameters(
         _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val}, steps=steps, sweep=sweep.name,
-        parent_run_id=parent.run_id), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
+        parent_run_id=parent.run_id, allow_data_change=allow_data_change), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
     if resume:
         # the experiment folder on its filesystem (for S3, the bucket/key path, without the scheme)
         restore_path = f"{storage['storage_path'].rstrip('/')}/{sweep.name}"
@@ -277,7 +281,10 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
                 scheduler=sweep.scheduler.build(sweep.metric, sweep.mode, sweep.base.train.epochs),
                 search_alg=sweep.search.build(sweep.metric, sweep.mode),
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            # a trial whose driver died with its node starts again; its Ray Train run (named after
+            # the trial) resumes from its latest checkpoint
             run_config=tune.RunConfig(name=sweep.name, sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+                                      failure_config=tune.FailureConfig(max_failures=sweep.base.train.max_failures),
                                       **storage),
         )
     grid = tuner.fit()
@@ -289,6 +296,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
         metrics = result.metrics or {}
         if result.error:
             errors.append(f"{name}: {result.error}")
+            stop = "error"
+        elif metrics.get(STOPPED):
+            errors.append(f"{name}: stopped at step {metrics.get('step')}: {metrics[STOPPED]}")
             stop = "error"
         elif metrics.get("step", 0) >= total:
             stop = "completed"
