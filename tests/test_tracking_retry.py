@@ -105,6 +105,26 @@ def test_a_record_refused_for_good_is_dropped_alone_and_logged(mlflow_server, tm
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_retry_warnings_never_show_a_password_in_the_uri(mlflow_server, tmp_path, caplog):
+    from cliplab.tracking.spool import SpoolingTracker, quiet_mlflow_retries
+
+    quiet_mlflow_retries()
+    run_id = _new_run(mlflow_server.uri, "uri-password")
+    with FailingHttpProxy(mlflow_server.port) as proxy, \
+            caplog.at_level(logging.WARNING, "cliplab.tracking.spool"):
+        uri = proxy.endpoint.replace("http://", "http://cliplab:planted-pw-in-uri-5150@")
+        tracker = SpoolingTracker(uri, run_id, spool_root=tmp_path / "spool", flush_timeout_s=60, retry_s=0.1,
+                                  max_retry_s=0.3)
+        tracker.log_metrics({"train/loss": 1.0}, 1)
+        _wait_for(lambda: proxy.answered >= 2 or tracker.pending == 0, "two refused requests")
+        proxy.failing.clear()
+        tracker.finish()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and not [m for m in messages if "planted-pw-in-uri-5150" in m]
+    assert any("did not take tracking records" in m and "http://cliplab:***@" in m for m in messages), messages
+    assert [m.step for m in MlflowClient(mlflow_server.uri).get_metric_history(run_id, "train/loss")] == [1]
+
+
 def test_which_errors_are_permanent():
     from mlflow.exceptions import MlflowException, RestException
 

@@ -136,6 +136,7 @@ class SpoolingTracker:
                  retry_s: float = 1.0, max_retry_s: float = 10.0, memory_records: int = 20_000) -> None:
         self.uri, self.run_id = uri, run_id
         self.redactor = redactor or Redactor()
+        self._shown = self.redactor.text(uri)  # for messages: a password in the URI never reaches a log
         self.flush_timeout_s = flush_timeout_s
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self.memory_records = max(1, memory_records)
@@ -219,12 +220,12 @@ class SpoolingTracker:
             shutil.rmtree(self.spool, ignore_errors=True)
         elif not self.on_disk:
             log.warning("MLflow at %s did not take %d tracking records of run %s in %.0f s, and the spool %s "
-                        "could not be written: they are lost", self.uri, len(self._queue), self.run_id,
+                        "could not be written: they are lost", self._shown, len(self._queue), self.run_id,
                         self.flush_timeout_s, self.spool)
         else:
             log.warning("MLflow at %s did not take %d tracking records of run %s in %.0f s; they are kept in "
                         "%s. Send them later with `cliplab tracking flush %s`.",
-                        self.uri, len(self._queue), self.run_id, self.flush_timeout_s, self.spool, self.spool)
+                        self._shown, len(self._queue), self.run_id, self.flush_timeout_s, self.spool, self.spool)
 
     # -- the spool -----------------------------------------------------------------------------
     @property
@@ -286,7 +287,7 @@ class SpoolingTracker:
                 if self.overflowed == 1 or self.overflowed % 1000 == 0:
                     log.warning("the tracking spool is not writable and %d records wait for MLflow at %s: dropped "
                                 "%d metrics records so far, oldest first (this one: step %s)", self.memory_records,
-                                self.uri, self.overflowed, rec.get("step"))
+                                self._shown, self.overflowed, rec.get("step"))
                 return
 
     def _drop_record(self, why: str) -> None:
@@ -313,7 +314,7 @@ class SpoolingTracker:
                     continue
                 if is_permanent(err):
                     rec = json.dumps(batch[0])
-                    self._drop_record(f"MLflow refused it for good ({_describe(err)}): "
+                    self._drop_record(f"MLflow refused it for good ({self.redactor.text(_describe(err))}): "
                                       f"{rec[:2000]}{' ...' if len(rec) > 2000 else ''}")
                 else:
                     with self._cond:
@@ -322,7 +323,8 @@ class SpoolingTracker:
                         self.outages += 1
                         where = str(self.spool) if self.on_disk else "memory"
                         log.warning("MLflow at %s did not take tracking records (%s); training goes on, the "
-                                    "records wait in %s and are retried with backoff", self.uri, _describe(err),
+                                    "records wait in %s and are retried with backoff", self._shown,
+                                    self.redactor.text(_describe(err)),
                                     where)
                     with self._cond:
                         if self._closed:
