@@ -45,6 +45,13 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -m "not slow"
 
+# the image's torch CUDA build against the driver range cluster/README.md states, the Dockerfile built
+# from its lock, the overlays' images pinned by digest (static: reads files, builds nothing).
+# RELEASE=1 also fails on the placeholder digests (run cluster/pin-digests.sh after pushing first).
+.PHONY: image-check
+image-check: setup
+	$(BIN)/python cluster/image_check.py $(if $(RELEASE),--release)
+
 lint: setup
 	$(BIN)/ruff check platform tests bench sweeps
 
