@@ -113,7 +113,8 @@ def test_cliplab_submit_trains_and_jobs_lists_it(tmp_path, s3_server, mlflow_ser
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"job {job_id} SUCCEEDED" in out.stdout
     assert "final metrics:" in out.stdout  # the job's own output, streamed
-    assert "forwarded from this shell: AWS_ACCESS_KEY_ID" in out.stdout
+    assert "forwarded from this shell: AWS_ENDPOINT_URL" in out.stdout  # settings travel, secrets do not:
+    assert "not forwarded (secrets; the cluster provides them): AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in out.stdout
     assert s3_server.secret_key not in out.stdout + out.stderr  # names only, never values
     _assert_trained(mlflow_server, experiment)
 

@@ -5,9 +5,14 @@ current directory (the repo, minus data, runs, virtualenvs and VCS) travels as t
 ``working_dir`` so that sweep and experiment files resolve the same way there. The runtime env
 comes from ``cluster/runtime_env.yaml`` (env vars, excludes) merged with what is computed here.
 
-Credentials never go into files or logs: the submitting shell's S3 / MLflow variables are
-forwarded as runtime-env ``env_vars`` (by name, values untouched), and the Ray auth token is
-sent only as an HTTP header.
+Secrets never go into the job: Ray keeps a job's entrypoint and runtime env in its job table, and
+anyone holding the cluster's auth token reads them in plain text (``ray job list``, the dashboard).
+So the submitting shell's S3 / MLflow settings are forwarded as runtime-env ``env_vars`` only when
+they hold no secret (endpoints, region, the tracking URI without a password); keys, tokens and
+passwords come from the cluster itself (Kubernetes Secrets mounted as env vars, see cluster/).
+``--forward-secrets`` sends them anyway, with a warning saying who can read them; a secret in
+``--env``, ``--set`` or the runtime env file is refused without it. The Ray auth token is sent
+only as an HTTP header.
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ FORWARD_ENV = (
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
+SECRETS_WARNING = ("cliplab: warning: --forward-secrets puts {names} in the job's runtime env: Ray keeps it in its "
+                   "job table, readable in plain text by anyone holding the cluster's auth token (`ray job list`, "
+                   "the dashboard's Jobs page) for as long as the job is listed. Prefer a Kubernetes Secret "
+                   "(cluster/README.md).")
+
 # Set by cliplab's driver in its own ray.init runtime env (cliplab.train.launch.init_ray): Ray fails a
 # job whose runtime env sets the same variable, so a job's runtime env must not.
 DRIVER_ENV_VARS = ("RAY_DATA_DISABLE_PROGRESS_BARS",)
@@ -60,6 +70,8 @@ class JobSpec:
     runtime_env: dict[str, Any]
     forwarded: list[str] = field(default_factory=list)  # names of env vars passed through (never values)
     submission_id: str | None = None
+    secrets: list[str] = field(default_factory=list)  # forwarded names that hold secrets (--forward-secrets)
+    withheld: list[str] = field(default_factory=list)  # secret names set here and left to the cluster
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,12 +220,35 @@ def forwarded_env(names: Iterable[str] = FORWARD_ENV, environ: dict[str, str] | 
     return {n: environ[n] for n in names if environ.get(n)}
 
 
+def holds_secret(name: str, value: str, redactor=None) -> bool:
+    """Whether an env var (or a config override) carries a secret: a secret-named variable
+    (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN``, ``*_PASSWORD``...), or a value the MLflow redactor
+    would mask (a URI with a password, a known secret value)."""
+    from cliplab.tracking.secrets import Redactor, is_secret_name
+
+    redactor = redactor or Redactor()
+    return is_secret_name(name) or redactor.text(value) != value
+
+
+def _refuse_secret(what: str, fix: str) -> ConfigError:
+    return ConfigError(f"{what} holds a secret, and Ray shows a job's runtime env and entrypoint in plain text to "
+                       f"anyone with the cluster's auth token (`ray job list`): {fix}, or pass --forward-secrets "
+                       "to send it anyway")
+
+
 def build_job(file: str | Path, *, overrides: Iterable[str] = (), extra_args: Iterable[str] = (),
               working_dir: str | Path = ".", runtime_env_file: str | Path | None = None,
               forward_env: bool = True, env: Iterable[str] = (), submission_id: str | None = None,
-              command: str | None = None) -> JobSpec:
+              command: str | None = None, forward_secrets: bool = False) -> JobSpec:
     """The entrypoint and runtime env for ``cliplab submit FILE``. ``FILE`` must lie inside the
-    working dir (it is uploaded with it) and is addressed relative to it on the cluster."""
+    working dir (it is uploaded with it) and is addressed relative to it on the cluster.
+
+    Without ``forward_secrets`` no secret value reaches the entrypoint or the runtime env: secret
+    variables of :data:`FORWARD_ENV` stay here (``withheld``), and a secret in ``env``, ``overrides``
+    or the runtime env file is a :class:`ConfigError`."""
+    from cliplab.tracking.secrets import Redactor
+
+    redactor = Redactor()
     wd = Path(working_dir).expanduser().resolve()
     if not wd.is_dir():
         raise ConfigError(f"working dir not found: {wd}")
@@ -232,6 +267,10 @@ def build_job(file: str | Path, *, overrides: Iterable[str] = (), extra_args: It
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, _, value = item.partition("=")
+        if not forward_secrets and holds_secret(key.rsplit(".", 1)[-1], value, redactor):
+            raise _refuse_secret(f"--set {key}", "keep it out of the config (MLFLOW_TRACKING_USERNAME/PASSWORD and "
+                                 "AWS_* on the cluster, from a Kubernetes Secret)")
         args += ["--set", item]
     args += list(extra_args)
 
@@ -241,14 +280,26 @@ def build_job(file: str | Path, *, overrides: Iterable[str] = (), extra_args: It
     excludes = list(runtime_env.get("excludes") or [])
     runtime_env["excludes"] = excludes + [e for e in WORKING_DIR_EXCLUDES if e not in excludes]
     env_vars = {str(k): str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
+    secret_names = [k for k, v in env_vars.items() if holds_secret(k, v, redactor)]
+    if secret_names and not forward_secrets:
+        raise _refuse_secret(f"the runtime env file's env_vars {', '.join(secret_names)}",
+                             "remove it there and give the cluster the credential as a Kubernetes Secret")
     forwarded: dict[str, str] = {}
+    withheld: list[str] = []
     if forward_env:
-        forwarded.update(forwarded_env())
+        for name, value in forwarded_env().items():
+            if holds_secret(name, value, redactor) and not forward_secrets:
+                withheld.append(name)
+            else:
+                forwarded[name] = value
     for name in env:
         if name not in os.environ:
             raise ConfigError(f"--env {name}: not set in this environment")
+        if holds_secret(name, os.environ[name], redactor) and not forward_secrets:
+            raise _refuse_secret(f"--env {name}", "give the cluster the credential as a Kubernetes Secret")
         forwarded[name] = os.environ[name]
     env_vars.update(forwarded)
+    secret_names += [k for k, v in forwarded.items() if holds_secret(k, v, redactor) and k not in secret_names]
     if "CLIPLAB_GIT_SHA" not in env_vars:
         from cliplab.tracking.artifacts import git_sha
 
@@ -261,7 +312,7 @@ def build_job(file: str | Path, *, overrides: Iterable[str] = (), extra_args: It
                           "(Ray refuses such a job): remove it from the runtime env file or --env")
     runtime_env["env_vars"] = env_vars
     return JobSpec(entrypoint=shlex.join(args), runtime_env=runtime_env, forwarded=sorted(forwarded),
-                   submission_id=submission_id)
+                   submission_id=submission_id, secrets=sorted(secret_names), withheld=sorted(withheld))
 
 
 def check_config(file: str | Path, command: str, overrides: Iterable[str] = ()) -> None:

@@ -14,8 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Submit `cliplab sweep FILE` (files under sweeps/ or defining SWEEP) or `cliplab train FILE` "
                     "to a Ray cluster's job server, uploading the working dir (data, runs, .venv, .git and "
                     ".cliplab excluded) with the runtime env of cluster/runtime_env.yaml, then stream the job's "
-                    "logs until it ends. S3 and MLflow variables set here (AWS_*, MLFLOW_*) are forwarded to "
-                    "the job; on Kubernetes the pods get them from Secrets instead (--no-forward-env).")
+                    "logs until it ends. S3 and MLflow settings set here (AWS_ENDPOINT_URL, AWS_REGION, "
+                    "MLFLOW_TRACKING_URI, ...) are forwarded to the job; secrets (AWS keys and session tokens, "
+                    "MLflow passwords and tokens) never are: Ray shows a job's runtime env to anyone with the "
+                    "cluster token, so the cluster provides them (Kubernetes Secrets, see cluster/README.md). "
+                    "--forward-secrets sends them anyway, with a warning.")
     p.add_argument("file", help="sweep file (sweeps/*.py) or experiment file (.yaml/.py), inside the working dir")
     p.add_argument("--address", default=None,
                    help="Ray job server (dashboard) URL (default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, "
@@ -34,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also forward this environment variable to the job (repeatable)")
     p.add_argument("--no-forward-env", dest="forward_env", action="store_false",
                    help="do not forward AWS_*/MLFLOW_* variables from this shell")
+    p.add_argument("--forward-secrets", action="store_true",
+                   help="also forward secrets (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, MLFLOW_TRACKING_PASSWORD, "
+                        "...) and allow them in --env/--set: anyone with the cluster's auth token can read them "
+                        "(`ray job list`, the dashboard)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following it")
     p.set_defaults(func=run)
 
@@ -48,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         extra.append("--no-register")
     job = submit.build_job(args.file, overrides=args.overrides, extra_args=extra, working_dir=args.working_dir,
                            runtime_env_file=args.runtime_env, forward_env=args.forward_env, env=args.env,
-                           submission_id=args.job_id, command=args.command)
+                           submission_id=args.job_id, command=args.command, forward_secrets=args.forward_secrets)
     kind = job.entrypoint.split()[1]
     if args.no_register and kind != "sweep":
         raise ConfigError("--no-register applies to sweeps only")
@@ -57,10 +64,14 @@ def run(args: argparse.Namespace) -> int:
     address = submit.normalize_address(args.address)
     job_client = submit.client(address)  # first: a dead address is one line within seconds
     submit.check_config(args.file, kind, args.overrides)
+    if job.secrets:
+        print(submit.SECRETS_WARNING.format(names=", ".join(job.secrets)), file=sys.stderr, flush=True)
     job_id = submit.submit(job, job_client=job_client)
     print(f"submitted {job_id} to {address}: {job.entrypoint}", flush=True)
     if job.forwarded:
         print(f"forwarded from this shell: {', '.join(job.forwarded)}", flush=True)
+    if job.withheld:
+        print(f"not forwarded (secrets; the cluster provides them): {', '.join(job.withheld)}", flush=True)
     if args.no_wait:
         print(job_id)
         return 0

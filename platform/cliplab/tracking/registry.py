@@ -25,6 +25,15 @@ def model_signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def redact_config(checkpoint_dir: Path) -> None:
+    """Rewrite a local checkpoint copy's ``config.json`` through the MLflow redactor, so a model
+    version never carries a secret an older checkpoint kept (a password in tracking.uri)."""
+    from cliplab.tracking.secrets import Redactor
+
+    path = checkpoint_dir / "config.json"
+    path.write_text(json.dumps(Redactor().tree(json.loads(path.read_text())), indent=2))
+
+
 def write_open_clip_export(checkpoint_dir: Path, out: Path) -> Path:
     """An open_clip-compatible export of a checkpoint: ``model.pt`` (the state dict that
     ``open_clip.create_model(name, pretrained=path)`` loads) carrying the objective's trained
@@ -85,6 +94,7 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str | None, *, u
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = str(fetch_checkpoint(checkpoint_path, Path(tmp) / "checkpoint", filesystem))
+        redact_config(Path(local))  # a checkpoint written before config.json was redacted
         export = write_open_clip_export(Path(local), Path(tmp) / "open_clip")
         with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"), \
                 warnings.catch_warnings():

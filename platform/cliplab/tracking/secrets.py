@@ -1,4 +1,5 @@
-"""Keep secrets out of MLflow: every param, tag, metric name and text artifact passes through here.
+"""Keep secrets out of MLflow, checkpoints and registered models: every param, tag, metric name and
+text artifact passes through here, and so does a checkpoint's ``config.json`` (:meth:`Redactor.tree`).
 
 Three rules, applied together:
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 MASK = "***"
 _SECRET_WORDS = {"secret", "token", "password", "passwd", "credential", "credentials", "signature", "apikey"}
@@ -67,6 +69,26 @@ class Redactor:
             out[self.text(str(key))] = shown
         return out
 
+    def tree(self, value: Any) -> Any:
+        """A JSON-like value (dicts, lists, strings, numbers) with every string redacted and the
+        string values of secret-named keys masked; other values as they are."""
+        if isinstance(value, Mapping):
+            return {k: MASK if is_secret_name(str(k)) and isinstance(v, str) and v else self.tree(v)
+                    for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.tree(v) for v in value]
+        return self.text(value) if isinstance(value, str) else value
+
     def leaks(self, value: str) -> list[str]:
         """Which known secrets ``value`` still contains (for checks and tests)."""
         return [s for s in self.secrets if s in value]
+
+
+def masked_fields(value: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a JSON-like config whose strings were masked by a redactor (``***``):
+    a config read back from a checkpoint needs those given again."""
+    if isinstance(value, Mapping):
+        return [k for key, v in value.items() for k in masked_fields(v, f"{prefix}{key}.")]
+    if isinstance(value, (list, tuple)):
+        return [k for i, v in enumerate(value) for k in masked_fields(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(value, str) and MASK in value else []
