@@ -17,7 +17,14 @@ from cliplab.errors import ConfigError
 from cliplab.models import _register_bundled_configs, build_dual_encoder
 from cliplab.train import checkpoint as ckpt
 from cliplab.train.schedule import build_scheduler, restore_scheduler
-from cliplab.train.step import NonFiniteGuard, build_optimizer, cosine_with_warmup, grad_scaler, train_step
+from cliplab.train.step import (
+    NonFiniteGuard,
+    build_optimizer,
+    cosine_with_warmup,
+    grad_scaler,
+    resolve_precision,
+    train_step,
+)
 
 N = 8
 
@@ -255,6 +262,20 @@ def test_a_locked_text_tower_with_unlocked_layers_and_the_xclr_freeze_are_one_co
 
 
 # ------------------------------------------------------------------------------ fp16
+
+
+def test_precision_auto_is_fp32_on_the_cpu_and_explicit_choices_stand():
+    cpu = torch.device("cpu")
+    assert [resolve_precision(p, cpu) for p in ("auto", "bf16", "fp16", "fp32")] == ["fp32", "bf16", "fp16", "fp32"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_precision_auto_on_a_gpu_is_bf16_where_it_has_it_else_fp16_with_a_scaler():
+    cuda = torch.device("cuda")
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert resolve_precision("auto", cuda) == expected
+    assert (grad_scaler(resolve_precision("auto", cuda), cuda) is None) == (expected == "bf16")
 
 
 def test_fp16_with_a_gradient_scaler_trains_on_the_cpu_and_reports_true_gradients():
