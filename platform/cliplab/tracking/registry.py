@@ -89,8 +89,10 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str | None, *, u
     from mlflow import MlflowClient
 
     from cliplab.tracking.pyfunc import CliplabPyfunc
+    from cliplab.tracking.tracker import quiet_run_links
     from cliplab.train.checkpoint import fetch_checkpoint
 
+    quiet_run_links(uri)
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = str(fetch_checkpoint(checkpoint_path, Path(tmp) / "checkpoint", filesystem))
@@ -111,8 +113,10 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str | None, *, u
             mlflow.log_artifacts(str(export), "open_clip")
     client = MlflowClient(uri)
     version = info.registered_model_version
-    for key, value in (version_tags or {}).items():
-        client.set_model_version_tag(name, version, key, str(value))
+    from cliplab.tracking.secrets import Redactor
+
+    for key, value in Redactor().params(version_tags or {}).items():  # as MLflow params and tags are
+        client.set_model_version_tag(name, version, key, value)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": int(version), "alias": alias,

@@ -131,6 +131,15 @@ def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
     raise ServiceError(f"MLflow tracking server {shown} answered /health with an error")
 
 
+def quiet_run_links(uri: str | None) -> None:
+    """MLflow prints "View run NAME at: URI/#/..." to stdout when a run ends, with the URI as given:
+    a password in it would land in the driver's log. Such URIs get no printed link."""
+    from cliplab.tracking.secrets import Redactor
+
+    if uri and Redactor().text(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str, str] | None = None,
                   run_id: str | None = None, start_timeout_s: float = 30.0) -> Tracker:
     """On rank 0 with a URI configured: a new MLflow run behind a :class:`SpoolingTracker`
@@ -148,6 +157,7 @@ def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str
     if rank != 0 or not uri:
         return NoOpTracker()
     quiet_mlflow_retries()
+    quiet_run_links(uri)
     redactor = Redactor()
     name = redactor.text(run_name or cfg.run_name or "") or None
     deadline = time.monotonic() + start_timeout_s
