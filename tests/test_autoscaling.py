@@ -183,3 +183,12 @@ def test_a_gpu_sweep_waits_for_the_autoscaler_and_completes(tmp_path, s3_server,
     assert "the cluster scaled up in" in out
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| trial_")]
     assert len(rows) == 2 and all("completed" in r for r in rows), proc.stdout[-3000:]
+
+    # a worker larger than the autoscaler's largest node type (read from its config) never waits
+    overrides["train.gpus_per_worker"] = 2
+    proc = subprocess.run([sys.executable, "-m", "cliplab.cli.main", "sweep", str(sweep), "--no-register",
+                           *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no node this cluster can scale to offers that (the largest: 2 CPU, 1 GPU)" in proc.stderr, proc.stderr
+    assert "waiting for the autoscaler" not in proc.stdout and "Traceback" not in proc.stderr

@@ -91,7 +91,11 @@ def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
 
 
 def _describe(resources: dict[str, float]) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or v) or "nothing"
+    """``2 CPU, 1 GPU``: what a trial asks for, without Ray's bookkeeping resources (memory, node IPs)."""
+    shown = {k: v for k, v in resources.items()
+             if k in ("CPU", "GPU") or (v and not k.startswith(("node:", "accelerator_type:"))
+                                        and k not in ("memory", "object_store_memory"))}
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(shown.items())) or "nothing"
 
 
 def ceiling(capacity: Capacity) -> dict[str, float] | None:
@@ -152,16 +156,18 @@ def check_capacity(cfg, concurrent: int, capacity: Capacity) -> str | None:
 
 
 # reading the cluster ---------------------------------------------------------------------------
-def _autoscaler_config_types() -> list[NodeType]:
-    """The worker node types of an autoscaler monitor running on this host (``--autoscaling-config``),
-    or none."""
+def _autoscaler_config_types(gcs_address: str) -> list[NodeType]:
+    """The worker node types of the autoscaler monitor of the cluster at ``gcs_address`` when it runs
+    on this host (its ``--autoscaling-config``), or none."""
     import psutil
 
+    port = gcs_address.rsplit(":", 1)[-1]
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
         path = next((a.split("=", 1)[1] for a in cmd if a.startswith("--autoscaling-config=")), None)
-        if not path or not any("monitor" in a for a in cmd):
-            continue
+        gcs = next((a.split("=", 1)[1] for a in cmd if a.startswith("--gcs-address=")), "")
+        if not path or not any("monitor" in a for a in cmd) or gcs.rsplit(":", 1)[-1] != port:
+            continue  # another cluster's monitor on the same host
         try:
             import yaml
 
@@ -219,7 +225,7 @@ def read_capacity(max_node: dict[str, float] | None = None) -> Capacity:
     if max_node is None and os.environ.get(MAX_NODE_ENV):
         max_node = parse_resources(os.environ[MAX_NODE_ENV], MAX_NODE_ENV)
     nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
-    types = _autoscaler_config_types()
+    types = _autoscaler_config_types(ray.get_runtime_context().gcs_address)
     if max_node:
         types = [*types, NodeType("--max-node-resources", dict(max_node))]
     autoscaling = bool(types) or _autoscaler_reports()
