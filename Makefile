@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 # the emoji font (images), Unicode's emoji-test.txt (the group/subgroup hierarchy) and FriBiDi
 # (Pillow's text shaping, which draws flags and ZWJ sequences as one glyph), and Chromium (headless, for
-# the dashboard screenshot tests); installed only if absent
-APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0 chromium dataset-fashion-mnist
+# the dashboard screenshot tests), PostgreSQL 15 (initdb/postgres for the tracking tests' Postgres pass);
+# installed only if absent
+APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0 chromium dataset-fashion-mnist postgresql
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
@@ -38,9 +39,12 @@ demo: setup
 demo-quick: setup
 	$(BIN)/cliplab demo --quick
 
+# then the tracking tests that use the mlflow_server fixture once more, with mlflow on a throwaway
+# Postgres (Debian's postgresql, started by the tests on a free port) instead of sqlite
 test: setup
 	$(BIN)/ruff check platform tests bench sweeps
 	$(BIN)/pytest
+	CLIPLAB_TEST_MLFLOW_BACKEND=postgres $(BIN)/pytest -m "not slow" tests/test_tracking.py tests/test_postgres.py
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow"

@@ -25,10 +25,66 @@ def s3_server(tmp_path_factory):
         yield svc
 
 
+# CLIPLAB_TEST_MLFLOW_BACKEND=postgres: the `mlflow_server` fixture stores in Postgres, not sqlite, and
+# only the tests that use it run (the Makefile's `test` runs tests/test_tracking.py so once more)
+MLFLOW_BACKENDS = ("sqlite", "postgres")
+MLFLOW_BACKEND = os.environ.get("CLIPLAB_TEST_MLFLOW_BACKEND", "sqlite")
+
+
+def pytest_configure(config):
+    if MLFLOW_BACKEND not in MLFLOW_BACKENDS:
+        raise pytest.UsageError(f"CLIPLAB_TEST_MLFLOW_BACKEND={MLFLOW_BACKEND!r}: use one of {', '.join(MLFLOW_BACKENDS)}")
+
+
+def pytest_report_header(config):
+    return f"mlflow_server fixture backend: {MLFLOW_BACKEND} (CLIPLAB_TEST_MLFLOW_BACKEND)"
+
+
+def pytest_collection_modifyitems(config, items):
+    if MLFLOW_BACKEND == "sqlite":
+        return
+    keep = [item for item in items if "mlflow_server" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def postgres_server(tmp_path_factory):
+    """A throwaway Postgres cluster (fsync off). Under root it runs as the `postgres` user, which
+    cannot enter pytest's private (0700) temp folders, so its root is then a folder of its own."""
+    import shutil
+    import tempfile
+
+    from cliplab.services import PostgresService
+
+    if os.geteuid() == 0:
+        root = Path(tempfile.mkdtemp(prefix="cliplab-postgres-"))
+        root.chmod(0o711)
+    else:
+        root = tmp_path_factory.mktemp("postgres")
+    try:
+        with PostgresService(root / "pg", durable=False) as svc:
+            yield svc
+    finally:
+        if os.geteuid() == 0:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_mlflow_server(tmp_path_factory, postgres_server):
     from cliplab.services import MlflowService
 
+    with MlflowService(tmp_path_factory.mktemp("mlflow-postgres"), backend_store_uri=postgres_server.uri) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(request, tmp_path_factory):
+    from cliplab.services import MlflowService
+
+    if MLFLOW_BACKEND == "postgres":
+        yield request.getfixturevalue("postgres_mlflow_server")
+        return
     with MlflowService(tmp_path_factory.mktemp("mlflow")) as svc:
         yield svc
 

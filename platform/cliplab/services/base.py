@@ -76,6 +76,10 @@ class Service:
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
 
+    def popen_options(self) -> dict:
+        """Extra ``subprocess.Popen`` arguments for the service's process (``user=``, ``group=``)."""
+        return {}
+
     def check_ready(self) -> None:
         """Called once the service is healthy: raise :class:`ServiceError` if it answers but
         cannot do its job (the service is then stopped)."""
@@ -99,7 +103,8 @@ class Service:
                 self.port = free_port()
             self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
             self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                         cwd=self.root, env=self.environment(), start_new_session=True)
+                                         cwd=self.root, env=self.environment(), start_new_session=True,
+                                         **self.popen_options())
             deadline = time.monotonic() + self.start_timeout_s
             while time.monotonic() < deadline:
                 code = self.proc.poll()
