@@ -246,6 +246,22 @@ def test_training_val_eval_and_inspect_skip_the_same_samples_for_the_same_reason
     assert _inspect_skips(folder) == expected
 
 
+def test_caption_embedding_reads_the_training_keys_through_the_shared_decoder(tmp_path):
+    from cliplab.data.captions import read_captions
+    from test_data_faults import GOOD_MAIN, GOOD_TRUNCATED_TAR
+
+    folder = build_faulty_shards(tmp_path / "faulty")
+    _tar(folder / "faulty-000003.tar", [("big", {"jpg": _jpeg(1), "txt": b"b" * (2 << 20)}), ("ok", _good("ok", 2))])
+    paths = np.array([str(p) for p in sorted(folder.glob("*.tar"))], dtype=object)
+    got = read_captions({"path": paths}, filesystem=fs.LocalFileSystem(), limits=_limits())
+    keys = list(got["__key__"])
+    # what the training index keeps: the good samples and the three whose images fail only at decode
+    assert len(keys) == len(set(keys)) == GOOD_MAIN + 3 + GOOD_TRUNCATED_TAR + 1
+    assert set(keys) == {f"a{i:05d}" for i in range(GOOD_MAIN)} | {f"b{i:05d}" for i in range(GOOD_TRUNCATED_TAR)} \
+        | {"bad-corrupt", "bad-truncimg", "bad-bomb", "ok"}
+    assert dict(zip(keys, got["txt"], strict=True))["a00007"] == "colour swatch 7"
+
+
 def test_eval_skips_non_utf8_captions_and_decompression_bombs_as_training_does(tmp_path):
     from test_data_faults import _bomb_png
 
@@ -306,17 +322,29 @@ def test_palette_images_with_transparency_decode_without_pil_warnings():
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (200, 10, 20) and rgb.getpixel((1, 1)) == (30, 180, 40)
 
 
-@pytest.mark.ray
-def test_caption_embedding_dataset_uses_no_deprecated_ray_argument(emoji_corpus, ray_cluster, capfd):
-    from cliplab.config import S3Config
-    from cliplab.data.captions import CaptionEncoder, caption_dataset
-    from cliplab.data.sources import resolve_shards
+CAPTION_PLAN = """
+import sys
+import ray
+from cliplab.config import S3Config
+from cliplab.data.captions import CaptionEncoder, caption_dataset
+from cliplab.data.sources import resolve_shards
+ray.init(address=sys.argv[1], logging_level="WARNING")
+ds = caption_dataset(resolve_shards(sys.argv[2], S3Config()), concurrency=1)
+print("PLAN BUILT", file=sys.stderr, flush=True)
+ds.map_batches(CaptionEncoder, concurrency=1)  # the deprecated argument: shows the warning is seen
+"""
 
-    warning = "``concurrency`` is deprecated"  # Ray Data's log line, on stderr when a plan is built
-    ds = caption_dataset(resolve_shards(str(emoji_corpus[0] / "val"), S3Config()), concurrency=1)
-    assert warning not in capfd.readouterr().err
-    ds.map_batches(CaptionEncoder, concurrency=1)  # the deprecated argument: the capture does see it
-    assert warning in capfd.readouterr().err
+
+@pytest.mark.ray
+def test_caption_embedding_dataset_uses_no_deprecated_ray_argument(emoji_corpus, ray_cluster):
+    """In a fresh driver (Ray Data logs to stderr; an earlier test in this process may have
+    reconfigured its logger)."""
+    run = subprocess.run([sys.executable, "-c", CAPTION_PLAN, ray_cluster.address, str(emoji_corpus[0] / "val")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, control = run.stderr.split("PLAN BUILT")
+    warning = "``concurrency`` is deprecated"
+    assert warning not in ours and warning in control
 
 
 def _cut_copy(src: Path, dst: Path) -> None:

