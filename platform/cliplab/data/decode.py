@@ -99,8 +99,9 @@ def iter_groups(fileobj, limits: Limits, *, size: int | None = None, end_marker:
                 read: Callable[[str], bool] = lambda ext: True) -> Iterator[Group]:
     """The member groups of a tar stream, in order. Members are read (``read(ext)``) only when
     under their cap. ``size`` (the file's length) adds two checks: no member may end past it,
-    and (with ``end_marker``) the archive must end with its end marker. Raises :class:`ShardFault`; a group that is
-    already oversized is yielded before the fault (its skip does not depend on the rest)."""
+    and (with ``end_marker``) the archive must end with its end marker. Raises
+    :class:`ShardFault`; a group that is already oversized is yielded before the fault (its skip
+    does not depend on the rest)."""
     group: Group | None = None
     members = 0
     try:
