@@ -397,6 +397,7 @@ def test_parameter_stores_inits_and_clamps():
     ({"objective.name": "meru", "objective.curvature_init": 20.0}, "curvature_init must lie"),
     ({"objective.name": "xclr"}, "soft targets"),
     ({"objective.name": "cloob", "objective.hopfield_chunk": 0}, "hopfield_chunk must be >= 1"),
+    ({"objective.name": "cloob", "objective.lr_scale": 0.0}, "lr_scale must be > 0"),
 ])
 def test_objective_config_is_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):

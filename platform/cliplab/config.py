@@ -137,6 +137,9 @@ class ObjectiveConfig:
     soft_target_temperature: float = 0.1  # X-CLR's τ_s
     soft_target_views: str = "image_image"  # X-CLR: two image views (the seed) or image_text
     loob_scale_by_tau: bool = False  # the CLOOB reference multiplies its loss by τ
+    # multiplies optim.lr (encoders and scalars alike); None = the preset's: 0.1 for cloob, whose loss
+    # through Hopfield retrieval collapses at InfoNCE's step sizes (see shared/objectives.md), else 1
+    lr_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -419,6 +422,7 @@ def _objective_checks(obj: ObjectiveConfig) -> list[tuple[bool, str]]:
         (r.entailment_weight == 0 or r.geometry == "lorentz",
          "objective.entailment_weight > 0 needs objective.geometry=lorentz (cones live in hyperbolic space)"),
         (obj.hopfield_beta > 0, "objective.hopfield_beta must be > 0"),
+        (r.lr_scale > 0, "objective.lr_scale must be > 0"),
         (obj.hopfield_chunk is None or obj.hopfield_chunk >= 1,
          "objective.hopfield_chunk must be >= 1 (queries per chunk) or null (no recomputation)"),
         (0 < obj.curvature_min <= obj.curvature_init <= obj.curvature_max,

@@ -35,6 +35,8 @@ class Objective(nn.Module):
 
     #: False when the loss never looks at text features (then the text tower is frozen)
     needs_text: bool = True
+    #: multiplies the optimizer's lr (``build_optimizer``): how large a step this loss tolerates
+    lr_scale: float = 1.0
 
     def loss(
         self,

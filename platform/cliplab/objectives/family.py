@@ -31,15 +31,15 @@ SIGMOID_BIAS_INIT = -10.0  # SigLIP's b at init, unless the config or model.pret
 
 PRESETS: dict[str, dict] = {
     "clip": dict(geometry="euclidean", targets="hard", denominator="infonce", retrieval="none",
-                 entailment_weight=0.0, temperature=0.07, learn_temperature=True),
+                 entailment_weight=0.0, temperature=0.07, learn_temperature=True, lr_scale=1.0),
     "siglip": dict(geometry="euclidean", targets="hard", denominator="sigmoid", retrieval="none",
-                   entailment_weight=0.0, temperature=0.1, learn_temperature=True),
+                   entailment_weight=0.0, temperature=0.1, learn_temperature=True, lr_scale=1.0),
     "cloob": dict(geometry="euclidean", targets="hard", denominator="infoloob", retrieval="hopfield",
-                  entailment_weight=0.0, temperature=1 / 30, learn_temperature=False),
+                  entailment_weight=0.0, temperature=1 / 30, learn_temperature=False, lr_scale=0.1),
     "meru": dict(geometry="lorentz", targets="hard", denominator="infonce", retrieval="none",
-                 entailment_weight=0.2, temperature=0.07, learn_temperature=True),
+                 entailment_weight=0.2, temperature=0.07, learn_temperature=True, lr_scale=1.0),
     "xclr": dict(geometry="euclidean", targets="soft", denominator="infonce", retrieval="none",
-                 entailment_weight=0.0, temperature=0.1, learn_temperature=False),
+                 entailment_weight=0.0, temperature=0.1, learn_temperature=False, lr_scale=1.0),
 }
 CHOICES = {"geometry": ("euclidean", "lorentz"), "targets": ("hard", "soft"),
            "denominator": ("infonce", "infoloob", "sigmoid"), "retrieval": ("none", "hopfield")}
@@ -56,6 +56,7 @@ class Resolved:
     entailment_weight: float
     temperature: float
     learn_temperature: bool
+    lr_scale: float
 
 
 def resolve(cfg) -> Resolved:
@@ -96,6 +97,16 @@ class ContrastiveObjective(Objective):
             self.log_alpha_text = nn.Parameter(torch.tensor(math.log(alpha)))
             self.log_curvature = nn.Parameter(torch.tensor(math.log(cfg.curvature_init)),
                                               requires_grad=cfg.learn_curvature)
+
+    @property
+    def lr_scale(self) -> float:
+        """The preset's lr multiplier. CLOOB's is 0.1: at init the towers' embeddings are bunched
+        (mean cosine ≈ 0.98 for cliplab-tiny), so every Hopfield retrieval returns nearly the
+        batch mean and the loss is nearly flat; Adam takes lr-sized steps whatever the gradient's
+        size, and at InfoNCE's step sizes those steps raise the loss into the collapsed plateau
+        (every retrieved vector equal, loss 2·ln(N−1), gradient → 0), where it stays. The
+        reference avoids it by a 20,000-step warmup."""
+        return self.r.lr_scale
 
     @property
     def needs_text(self) -> bool:

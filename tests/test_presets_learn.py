@@ -1,0 +1,106 @@
+"""Every preset learns: a few real training steps on CPU, in process, on a small fixed set with
+learnable structure, must lower the loss and lift retrieval clearly above chance.
+
+The set: each pair shows two of 12 concepts. Its image is the sum of the two concepts' smooth
+random templates plus noise; its caption names them ("owl and kite"); its caption embedding (the
+soft targets' stand-in for the frozen sentence encoder) is the normalised two-hot concept vector,
+so captions that share a concept are similar. X-CLR trains the image tower only (two views that
+share templates, with fresh noise), so it is scored view → view; the others image → text, each in
+its own geometry (``objective.embed`` / ``objective.similarity``). Every preset runs the same
+optimizer recipe, at its own defaults otherwise.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cliplab.config import ModelConfig, ObjectiveConfig, OptimConfig
+from cliplab.distributed import DistContext
+from cliplab.models import DualEncoder, build_model, freeze_text_tower
+from cliplab.objectives import build_objective
+from cliplab.train.step import build_optimizer, cosine_with_warmup, train_step
+
+WORDS = ("apple", "boat", "cat", "drum", "egg", "fish", "hat", "kite", "lamp", "moon", "owl", "tree")
+N = 64  # the fixed set, trained on whole and scored on
+STEPS = 45
+RECIPE = OptimConfig(lr=2e-3, warmup_steps=5)  # the demo's lr (sweeps/demo.py), a short warmup
+
+
+def _fixed_set(tokenizer, size: int = 64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    k = len(WORDS)
+    templates = F.interpolate(torch.randn(k, 3, 8, 8, generator=g), size=(size, size), mode="bilinear",
+                              align_corners=False)
+    pairs = torch.tensor(list(itertools.combinations(range(k), 2)))[torch.randperm(k * (k - 1) // 2, generator=g)[:N]]
+    a, b = pairs.T
+
+    def view():
+        return templates[a] + templates[b] + 0.5 * torch.randn(N, 3, size, size, generator=g)
+
+    hot = F.one_hot(a, k).float() + F.one_hot(b, k).float()
+    return {"image": view(), "image_2": view(), "text": tokenizer([f"{WORDS[i]} and {WORDS[j]}" for i, j in pairs.tolist()]),
+            "caption_embedding": F.normalize(hot, dim=-1)}
+
+
+@torch.no_grad()
+def _recall_at_1(module: DualEncoder, batch: dict[str, torch.Tensor]) -> float:
+    module.eval()
+    obj, model = module.objective, module.model
+    x = obj.embed(model.encode_image(batch["image"], normalize=False), "image")
+    if obj.needs_text:
+        y = obj.embed(model.encode_text(batch["text"], normalize=False), "text")
+    else:  # X-CLR: view → view
+        y = obj.embed(model.encode_image(batch["image_2"], normalize=False), "image")
+    module.train()
+    return (obj.similarity(x, y).argmax(dim=1) == torch.arange(len(x))).float().mean().item()
+
+
+def _train(preset: str, seed: int = 0) -> tuple[list[float], float, float]:
+    torch.manual_seed(seed)
+    bundle = build_model(ModelConfig(name="cliplab-tiny"))
+    module = DualEncoder(bundle.model, build_objective(ObjectiveConfig(name=preset), bundle.embed_dim))
+    if not module.objective.needs_text:
+        freeze_text_tower(module.model)
+    batch = _fixed_set(bundle.tokenizer)
+    if preset != "xclr":
+        batch = {k: batch[k] for k in ("image", "text")}
+    opt = build_optimizer(module, RECIPE)
+    sched = cosine_with_warmup(opt, RECIPE.warmup_steps, STEPS)
+    before = _recall_at_1(module, batch)
+    losses = [train_step(module, batch, opt, sched, DistContext())["train/loss"] for _ in range(STEPS)]
+    return losses, before, _recall_at_1(module, batch)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # quick and deterministic on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+SIGLIP_STALLS = pytest.mark.xfail(strict=True, reason=(
+    "measured: at lr 2e-3 SigLIP's loss falls 9.95 → 5.15 (its bias) and stalls there with R@1 at "
+    "chance (1/64) after 45 steps; at lr 2e-4, 3× chance after 30 steps. Issue 17, still open"))
+
+
+@pytest.mark.parametrize("preset", ["clip", pytest.param("siglip", marks=SIGLIP_STALLS), "cloob", "meru", "xclr"])
+def test_each_preset_lowers_its_loss_and_retrieves_well_above_chance(preset):
+    losses, before, after = _train(preset)
+    chance = 1 / N
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    # the loss falls by a clear step (CLOOB's collapse sat at 2·ln(N-1) with its loss flat)
+    assert last < first - 0.5, f"{preset}: loss {first:.3f} → {last:.3f}: {losses}"
+    assert after >= 5 * chance, f"{preset}: R@1 {after:.3f}, chance {chance:.3f}"
+    assert after >= before + 3 * chance, f"{preset}: R@1 {before:.3f} → {after:.3f}"
+
+
+def test_the_objective_sets_the_optimizers_lr_scale_and_an_override_wins():
+    bundle = build_model(ModelConfig(name="cliplab-tiny"))
+    for cfg, lr in ((ObjectiveConfig(name="cloob"), 2e-4), (ObjectiveConfig(name="clip"), 2e-3),
+                    (ObjectiveConfig(name="cloob", lr_scale=1.0), 2e-3), (ObjectiveConfig(name="meru", lr_scale=0.5), 1e-3)):
+        module = DualEncoder(bundle.model, build_objective(cfg, bundle.embed_dim))
+        opt = build_optimizer(module, OptimConfig(lr=2e-3))
+        assert [group["lr"] for group in opt.param_groups] == pytest.approx([lr, lr]), cfg
