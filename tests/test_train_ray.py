@@ -36,7 +36,12 @@ def test_two_worker_run_writes_checkpoints_and_mlflow_metrics(tmp_path, s3_serve
     final = Path(result.checkpoint.path)
     assert {"model.pt", "objective.pt", "trainer.pt", "config.json"} <= {p.name for p in final.iterdir()}
     assert load_trainer_state(final)["step"] == 4
-    assert load_config(final) == cfg
+    # the saved config is the run's, with the tracking URI's password masked (the MLflow redactor)
+    from cliplab.config import with_overrides
+    from cliplab.tracking.secrets import Redactor
+
+    assert load_config(final) == with_overrides(cfg, {"tracking.uri": Redactor().text(uri_with_pw)})
+    assert "planted-uri-pw-93" not in (final / "config.json").read_text()
 
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(metrics["mlflow_run_id"])
