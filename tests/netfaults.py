@@ -7,84 +7,13 @@ import socket
 import threading
 
 
-class CuttingProxy:
-    """Forwards 127.0.0.1:``port`` to ``upstream_port``; a connection whose client bytes match
-    the regular expression ``cut`` (e.g. ``rb"PUT /bucket/prefix"``) is closed right after those
-    bytes are forwarded, so the server never gets the rest of the request and the client sees
-    the connection drop."""
-
-    def __init__(self, upstream_port: int, cut: bytes) -> None:
-        self.upstream_port, self.cut, self.cuts = upstream_port, cut, 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                if from_client and re.search(self.cut, data):
-                    self.cuts += 1
-                    break
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
-
-    def __enter__(self) -> CuttingProxy:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _forward(src: socket.socket, dst: socket.socket, replace: tuple[bytes, bytes] | None = None) -> None:
-    """Copy bytes one way until either side closes, then close both (``replace``: old, new bytes)."""
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data.replace(*replace) if replace else data)
-    except OSError:
-        pass
-    for s in (src, dst):
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        s.close()
-
-
-class StallingServer:
-    """Accepts TCP connections on 127.0.0.1 and never answers: reads and discards what the client
-    sends and keeps the socket open, like a hung endpoint behind a live load balancer."""
+class _Listener:
+    """A TCP listener on 127.0.0.1 (a free port) whose accepted connections go to ``_handle``, each
+    on its own thread; ``close`` stops accepting. The faults below differ only in ``_handle``."""
 
     def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        self.accepted = 0
-        self._held: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -95,14 +24,81 @@ class StallingServer:
         while True:
             try:
                 client, _ = self._listener.accept()
-            except OSError:
+            except OSError:  # closed
                 return
-            self.accepted += 1
-            self._held.append(client)
-            threading.Thread(target=self._drain, args=(client,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
 
-    @staticmethod
-    def _drain(client: socket.socket) -> None:
+    def _handle(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _close_both(*sockets: socket.socket) -> None:
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+
+class CuttingProxy(_Listener):
+    """Forwards 127.0.0.1:``port`` to ``upstream_port``; a connection whose client bytes match
+    the regular expression ``cut`` (e.g. ``rb"PUT /bucket/prefix"``) is closed right after those
+    bytes are forwarded, so the server never gets the rest of the request and the client sees
+    the connection drop."""
+
+    def __init__(self, upstream_port: int, cut: bytes) -> None:
+        self.upstream_port, self.cut, self.cuts = upstream_port, cut, 0
+        super().__init__()
+
+    def _handle(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+        self._pump(client, upstream, True)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if from_client and re.search(self.cut, data):
+                    self.cuts += 1
+                    break
+        except OSError:
+            pass
+        _close_both(src, dst)
+
+
+def _forward(src: socket.socket, dst: socket.socket, replace: tuple[bytes, bytes] | None = None) -> None:
+    """Copy bytes one way until either side closes, then close both (``replace``: old, new bytes)."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data.replace(*replace) if replace else data)
+    except OSError:
+        pass
+    _close_both(src, dst)
+
+
+class StallingServer(_Listener):
+    """Accepts TCP connections on 127.0.0.1 and never answers: reads and discards what the client
+    sends and keeps the socket open, like a hung endpoint behind a live load balancer."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        super().__init__()
+
+    def _handle(self, client: socket.socket) -> None:
+        self.accepted += 1
+        self._held.append(client)
         try:
             while client.recv(65536):
                 pass
@@ -110,18 +106,12 @@ class StallingServer:
             pass
 
     def close(self) -> None:
-        self._listener.close()
+        super().close()
         for s in self._held:
             s.close()
 
-    def __enter__(self) -> StallingServer:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class FailingHttpProxy:
+class FailingHttpProxy(_Listener):
     """Forwards 127.0.0.1:``port`` to an HTTP server on ``upstream_port``, except while ``failing``
     is set: then each request is read in full and answered ``status`` with ``body`` (MLflow's JSON
     error shape by default) and the connection is closed. ``answered`` counts those answers."""
@@ -135,23 +125,9 @@ class FailingHttpProxy:
         self.failing = threading.Event()
         self.failing.set()
         self.answered = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def _handle(self, client: socket.socket) -> None:
         if not self.failing.is_set():
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             threading.Thread(target=_forward, args=(upstream, client), daemon=True).start()
@@ -182,12 +158,3 @@ class FailingHttpProxy:
             pass
         finally:
             client.close()
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def __enter__(self) -> FailingHttpProxy:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
