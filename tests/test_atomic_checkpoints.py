@@ -27,7 +27,7 @@ def _train_fn(config):
     import ray.train
 
     from cliplab.train.checkpoint import MARKER
-    from cliplab.train.worker import _persist_checkpoint
+    from cliplab.train.persist import persist_checkpoint as _persist_checkpoint
 
     resumed = ray.train.get_checkpoint()
     if config.get("resume_only"):  # the second fit: what did Ray Train resume from?

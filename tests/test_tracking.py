@@ -191,7 +191,7 @@ def test_a_run_shorter_than_the_sampling_interval_still_gets_system_metrics(mlfl
     """MLflow's sampler publishes only after a full interval; stopping it publishes what it holds."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    from cliplab.train.worker import _stop_system_metrics
+    from cliplab.tracking.system_metrics import stop_system_metrics as _stop_system_metrics
 
     client = MlflowClient(mlflow_server.uri)
     run = client.create_run(client.create_experiment(f"short-run-{time.time_ns()}"))

@@ -73,6 +73,9 @@ class DataConfig:
     prefetch_batches: int = 2  # decoded blocks buffered ahead of the training step
     label_key: str | None = "group"  # json field used as the zero-shot class, if present
     cpus_per_task: float = 0.5  # Ray Data read/decode tasks; fractional so they fit beside workers
+    # where training samples are decoded: "tasks" (Ray Data tasks, per rank and epoch: cores beside a GPU
+    # worker), "worker" (a thread of the Train worker: no per-epoch start-up), "auto" (tasks on a GPU, else worker)
+    decode_on: str = "auto"
     caption_embeddings: str | None = None  # X-CLR: folder written by `cliplab data embed-captions`
     record_keys: str | None = None  # audit: each rank appends "epoch<TAB>batch<TAB>key" per trained sample
     # per-member caps, by declared size (a bigger member is never read: its sample is skipped as
@@ -499,6 +502,8 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (cfg.data.cpus_per_task > 0, "data.cpus_per_task must be > 0"),
+        (cfg.data.decode_on in ("auto", "tasks", "worker"),
+         f"data.decode_on must be auto, tasks or worker, not {cfg.data.decode_on!r}"),
         (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
         (cfg.train.cpus_per_worker > 0, "train.cpus_per_worker must be > 0"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),

@@ -56,9 +56,10 @@ _TABLES: dict[Any, dict] = {}
 
 
 def _caption_table(ref) -> dict | None:
-    """The broadcast ``key → caption embedding`` table, fetched once per worker process."""
-    if ref is None:
-        return None
+    """The broadcast ``key → caption embedding`` table, fetched once per worker process (a table
+    given as is, without Ray, is used as it is)."""
+    if ref is None or isinstance(ref, dict):
+        return ref
     if ref not in _TABLES:
         import ray
 

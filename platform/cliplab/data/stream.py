@@ -1,11 +1,16 @@
-"""The training stream: each rank reads its own deterministic samples through Ray Data tasks.
+"""The training stream: each rank reads its own deterministic samples, decoded by Ray Data tasks
+or by the worker's own decode thread.
 
 Ray Data's ``streaming_split`` hands blocks to whichever rank asks first, which makes neither
 the order nor a resume position reproducible. Here every rank instead builds its
-:class:`~cliplab.data.plan.RankPlan` for the epoch and runs its own small Ray Data pipeline:
-one CPU task per shuffle window reads the window's samples by byte range (a few requests per
-shard), decodes, augments (open_clip's train transform) and tokenizes them, in plan order
-(``preserve_order``). The worker re-batches the rows into exactly ``batch_size`` samples,
+:class:`~cliplab.data.plan.RankPlan` for the epoch; one read spec per shuffle window reads the
+window's samples by byte range (a few requests per shard), decodes, augments (open_clip's train
+transform, seeded per sample: :class:`SeededAugment`) and tokenizes them, in plan order. Where
+(``data.decode_on``): ``tasks`` runs a small Ray Data pipeline per rank and epoch, one CPU task per
+window (``preserve_order``), so decoding can use cores beside a GPU worker's; ``worker`` decodes in
+a background thread of the rank itself (:func:`worker_blocks`), with no per-epoch start-up, which
+is what a CPU worker wants; ``auto`` picks ``tasks`` on a GPU, else ``worker``. Both give the same
+samples, crops and batches. The worker re-batches the rows into exactly ``batch_size`` samples,
 moves them to the device (pinned memory and a non-blocking copy on CUDA; images travel as
 uint8 and are normalised on the device) and tracks:
 
@@ -48,9 +53,8 @@ RECORD_ENV = "CLIPLAB_RECORD_KEYS"  # or data.record_keys: a folder where each r
 
 @lru_cache(maxsize=4)
 def _split_transform(model_name: str):
-    """open_clip's train transform without ToTensor/Normalize (→ uint8 HWC) and its mean/std."""
-    from torchvision import transforms as T
-
+    """open_clip's train transform without ToTensor/Normalize (→ uint8 HWC, see :class:`SeededAugment`),
+    its mean/std, image side and tokenizer."""
     transform, tokenizer = _transforms(model_name, True)
     steps = list(transform.transforms)
     normalize = steps[-1]
@@ -58,7 +62,57 @@ def _split_transform(model_name: str):
         raise ValueError(f"unexpected open_clip train transform for {model_name}: {transform}")
     size = next(t.size for t in steps if hasattr(t, "size"))
     side = size[0] if isinstance(size, (tuple, list)) else size
-    return T.Compose(steps[:-2]), tuple(normalize.mean), tuple(normalize.std), int(side), tokenizer
+    return SeededAugment(tuple(steps[:-2])), tuple(normalize.mean), tuple(normalize.std), int(side), tokenizer
+
+
+class SeededAugment:
+    """open_clip's train augmentation with its randomness drawn from a NumPy generator per sample.
+
+    torchvision's ``RandomResizedCrop`` draws from torch's global generator, which differs per Ray
+    task process and, in the worker's own decode thread, would be shared with training: the same
+    seed gave other crops on every run. Here the crop is drawn from ``rng`` (seeded by the data seed,
+    the epoch and the sample's place in its shard, so a sample's crop does not depend on the world
+    size, the rank or where it was decoded) by torchvision's own rule; every other step runs as is."""
+
+    def __init__(self, steps: tuple) -> None:
+        self.steps = steps
+        self.size = next((getattr(t, "size", None) for t in steps if hasattr(t, "size")), None)
+
+    def __call__(self, image, rng: np.random.Generator):
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms import functional as F
+
+        for t in self.steps:
+            if isinstance(t, RandomResizedCrop):
+                top, left, h, w = _crop_params(image.size, t.scale, t.ratio, rng)
+                image = F.resized_crop(image, top, left, h, w, t.size, t.interpolation, antialias=t.antialias)
+            else:
+                image = t(image)
+        return image
+
+
+def _crop_params(size: tuple[int, int], scale, ratio, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.get_params`` (torchvision's rule: ten tries, then a centre crop) on ``rng``."""
+    import math
+
+    width, height = size
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 @lru_cache(maxsize=4)
@@ -75,12 +129,14 @@ def _filesystem(s3_json: str | None):
 
 def read_decode(batch: dict[str, np.ndarray], *, model_name: str, s3: str, views: int = 1,
                 captions_ref=None, limits: Limits = Limits()) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data task: for each read spec (one shuffle window) read, decode, augment and tokenize
-    the samples, in position order. Bad samples come out as rows with ``skip > 0`` and zeros."""
+    """For each read spec (one shuffle window) read, decode, augment and tokenize the samples, in
+    position order: a Ray Data task, or the worker's own decode thread (:func:`worker_blocks`). Bad
+    samples come out as rows with ``skip > 0`` and zeros. ``spec["aug"]`` (``[seed, epoch]``) seeds
+    each sample's augmentation."""
     pre, _mean, _std, side, tokenizer = _split_transform(model_name)
     table = _caption_table(captions_ref)
     for spec_json in batch["spec"]:
-        spec = json.loads(spec_json)
+        spec = json.loads(spec_json) if isinstance(spec_json, str) else spec_json
         blobs: dict[tuple[int, int, int], bytes | None] = {}
         by_shard: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for _pos, g, start, end in spec["rows"]:
@@ -95,8 +151,9 @@ def read_decode(batch: dict[str, np.ndarray], *, model_name: str, s3: str, views
                 blobs.update({(g, *r): None for r in ranges})
         rows: list[tuple] = []
         for pos, g, start, end in spec["rows"]:
+            rng = np.random.default_rng([*spec.get("aug", (0, 0)), g, start])
             rows.append(_decode_one(pos, blobs[(g, start, end)], spec["shards"][str(g)][2], pre, views, table,
-                                    limits))
+                                    limits, rng))
             if len(rows) == OUT_ROWS:
                 yield _block(rows, side, tokenizer, views, table)
                 rows = []
@@ -104,7 +161,13 @@ def read_decode(batch: dict[str, np.ndarray], *, model_name: str, s3: str, views
             yield _block(rows, side, tokenizer, views, table)
 
 
-def _decode_one(pos: int, blob: bytes | None, url: str, pre, views: int, table, limits: Limits) -> tuple:
+def _draft(size) -> int | None:
+    """The crop's side, the smallest a JPEG may be drafted to (see :func:`~cliplab.data.decode.load_rgb`)."""
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def _decode_one(pos: int, blob: bytes | None, url: str, pre, views: int, table, limits: Limits,
+                rng: np.random.Generator) -> tuple:
     """``(pos, key, reason, caption, image, image_2, embedding)``; reason None for a good sample."""
     if blob is None:
         return pos, "", "read_error", None, None, None, None
@@ -119,12 +182,12 @@ def _decode_one(pos: int, blob: bytes | None, url: str, pre, views: int, table, 
         embedding = table.get(group.key)
         if embedding is None:
             reason = "missing_embedding"
-    sample = Skip(reason) if reason else decode_sample(group, draft=getattr(pre.transforms[0], "size", [None])[0])
+    sample = Skip(reason) if reason else decode_sample(group, draft=_draft(pre.size))
     if isinstance(sample, Skip):
         log.warning("skipping %s:%s: %s", url, group.key, sample)
         return pos, group.key, sample.reason, None, None, None, None
-    image = np.asarray(pre(sample.image), dtype=np.uint8)
-    image_2 = np.asarray(pre(sample.image), dtype=np.uint8) if views == 2 else None
+    image = np.asarray(pre(sample.image, rng), dtype=np.uint8)
+    image_2 = np.asarray(pre(sample.image, rng), dtype=np.uint8) if views == 2 else None
     return pos, group.key, None, sample.caption, image, image_2, embedding
 
 
@@ -221,12 +284,66 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
+DECODE_ON = ("tasks", "worker")  # where a rank's samples are decoded: Ray Data tasks, or its own thread
+_DONE = object()
+
+
+def worker_blocks(specs: list[dict], kwargs: dict[str, Any], prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`read_decode`'s blocks for ``specs``, in order, decoded by one background thread of
+    this process, at most ``prefetch`` blocks ahead of the consumer.
+
+    No Ray Data execution starts per epoch and nothing is scheduled: on a CPU worker the decode
+    shares the worker's own cores with the step (PIL and the crop release the GIL), which on a
+    small corpus costs a fraction of what starting and backpressuring a dataset per epoch and
+    rank did. An error in the thread is raised here; a consumer that stops early stops the thread."""
+    import queue
+    import threading
+
+    out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for spec in specs:
+                for block in read_decode({"spec": [spec]}, **kwargs):
+                    if not put(block):
+                        return
+            put(_DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            put(err)
+
+    thread = threading.Thread(target=produce, name="cliplab-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 class RankStream:
     """One rank's training batches, epoch by epoch, with a resumable position and skip counts."""
 
     def __init__(self, index: TrainIndex, data_cfg, model_name: str, *, rank: int, world: int, steps: int,
-                 device=None, views: int = 1, captions_ref=None) -> None:
-        self.index, self.cfg, self.model_name = index, data_cfg, model_name
+                 device=None, views: int = 1, captions_ref=None, decode_on: str = "tasks") -> None:
+        if decode_on not in DECODE_ON:
+            raise ValueError(f"decode_on must be one of {DECODE_ON}, not {decode_on!r}")
+        self.index, self.cfg, self.model_name, self.decode_on = index, data_cfg, model_name, decode_on
         self.rank, self.world, self.steps, self.device = rank, world, steps, device
         self.views, self.captions_ref = views, captions_ref
         self.epoch, self.position, self.batches_done = 0, 0, 0
@@ -278,25 +395,36 @@ class RankStream:
         return rank_plan(self.index, seed=self.cfg.seed, epoch=epoch, world=self.world, rank=self.rank,
                          window=self.cfg.shuffle_window, shuffle=self.cfg.shuffle_files)
 
+    def specs(self, plan: RankPlan, start: int) -> list[dict]:
+        """One read spec per shuffle window of ``plan`` from position ``start``, each carrying the
+        augmentation seed ``[data.seed, epoch]``."""
+        return [{**read_spec(self.index, plan, lo, hi), "aug": [int(self.cfg.seed), int(plan.epoch)]}
+                for lo, hi in plan.windows(start)]
+
+    def _decode_kwargs(self) -> dict[str, Any]:
+        from cliplab.config import to_dict
+
+        return {"model_name": self.model_name, "s3": json.dumps(to_dict(self.cfg.s3)), "views": self.views,
+                "captions_ref": self.captions_ref, "limits": Limits.of(self.cfg)}
+
     def dataset(self, plan: RankPlan, start: int):
         """The Ray Dataset of ``plan`` from position ``start``: one read task per window, in order."""
         import ray.data
 
-        from cliplab.config import to_dict
-
-        specs = [{"spec": json.dumps(read_spec(self.index, plan, lo, hi))} for lo, hi in plan.windows(start)]
+        specs = [{"spec": json.dumps(spec)} for spec in self.specs(plan, start)]
         if not specs:
             return None
         ds = ray.data.from_items(specs, override_num_blocks=len(specs))
         ds = ds.map_batches(read_decode, batch_size=1, batch_format="numpy", num_cpus=self.cfg.cpus_per_task,
-                            fn_kwargs={"model_name": self.model_name, "s3": json.dumps(to_dict(self.cfg.s3)),
-                                       "views": self.views, "captions_ref": self.captions_ref,
-                                       "limits": Limits.of(self.cfg)})
+                            fn_kwargs=self._decode_kwargs())
         ds.context.execution_options.preserve_order = True
         ds.context.target_max_block_size = 16 << 20  # stream a window out in blocks, not at the task's end
         return ds
 
     def _blocks(self, plan: RankPlan, start: int) -> Iterator[dict[str, np.ndarray]]:
+        if self.decode_on == "worker":
+            yield from worker_blocks(self.specs(plan, start), self._decode_kwargs(), self.cfg.prefetch_batches)
+            return
         ds = self.dataset(plan, start)
         if ds is None:
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ def build_datasets(prep: Prepared) -> dict[str, Any]:
     if prep.val is not None:
         datasets["val"] = build_val_dataset(prep.val, model_name=cfg.model.name, label_key=cfg.data.label_key,
                                             cpus_per_task=cfg.data.cpus_per_task, limits=Limits.of(cfg.data))
+    for ds in datasets.values():  # small reads, once per eval: no progress bars (the worker prints one line an epoch)
+        ds.context.enable_progress_bars = False
     return datasets
 
 
@@ -120,7 +123,7 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
         resources["GPU"] = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "steps_per_epoch": steps,
+        train_loop_config={"experiment": to_dict(cfg), "steps_per_epoch": steps, "started_at": time.time(),
                            "provenance": provenance(), **(extra or {})},
         torch_config=gpu_torch_config() if cfg.train.use_gpu else TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
