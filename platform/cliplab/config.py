@@ -416,7 +416,7 @@ def _objective_checks(obj: ObjectiveConfig) -> list[tuple[bool, str]]:
     return checks + [
         (0 < r.temperature <= 1, "objective.temperature must be in (0, 1]"),
         (obj.max_logit_scale >= 1, "objective.max_logit_scale must be >= 1"),
-        (1 / r.temperature <= obj.max_logit_scale,
+        (r.temperature <= 0 or 1 / r.temperature <= obj.max_logit_scale,  # (the check above reports τ <= 0)
          "objective.temperature is below 1/max_logit_scale; it would be clamped at once"),
         (r.entailment_weight >= 0, "objective.entailment_weight must be >= 0"),
         (r.entailment_weight == 0 or r.geometry == "lorentz",
