@@ -65,6 +65,14 @@ def test_bad_configs_fail_with_one_line(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_zero_temperature_is_a_one_line_config_error(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  train: x\n")
+    with pytest.raises(ConfigError, match=r"objective.temperature must be in \(0, 1\]") as info:
+        load_experiment(path, ["objective.temperature=0"])
+    assert "\n" not in str(info.value)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_experiment(tmp_path / "nope.yaml")

@@ -391,6 +391,22 @@ def test_parameter_stores_inits_and_clamps():
     assert build_objective(ObjectiveConfig(name="xclr")).log_scale.exp().item() == pytest.approx(10.0)
 
 
+def test_the_objective_declares_its_data_needs_and_keeps_its_geometrys_scalars_under_flat_names():
+    from cliplab.objectives import DataNeeds, Hyperboloid, Sphere, data_needs
+
+    for overrides, needs in ((dict(name="clip"), DataNeeds()), (dict(name="meru"), DataNeeds()),
+                             (dict(name="xclr"), DataNeeds(views=2, caption_embeddings=True)),
+                             (dict(name="xclr", soft_target_views="image_text"), DataNeeds(caption_embeddings=True))):
+        cfg = ObjectiveConfig(**overrides)
+        assert data_needs(cfg) == build_objective(cfg).data_needs == needs, overrides
+    assert isinstance(build_objective(ObjectiveConfig(name="clip")).geometry, Sphere)
+    meru = build_objective(ObjectiveConfig(name="meru"), embed_dim=D).double()
+    assert isinstance(meru.geometry, Hyperboloid)
+    assert list(meru.state_dict()) == ["log_scale", "log_alpha_image", "log_alpha_text", "log_curvature"]
+    meru.load_state_dict({**meru.state_dict(), "log_curvature": torch.tensor(0.5, dtype=torch.float64)})
+    assert meru.geometry.curvature.item() == pytest.approx(math.exp(0.5))  # one parameter, cast and loaded
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"objective.name": "clip", "objective.entailment_weight": 0.2}, "needs objective.geometry=lorentz"),
     ({"objective.geometry": "spherical"}, "objective.geometry 'spherical'"),

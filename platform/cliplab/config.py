@@ -419,7 +419,7 @@ def _objective_checks(obj: ObjectiveConfig) -> list[tuple[bool, str]]:
     return checks + [
         (0 < r.temperature <= 1, "objective.temperature must be in (0, 1]"),
         (obj.max_logit_scale >= 1, "objective.max_logit_scale must be >= 1"),
-        (1 / r.temperature <= obj.max_logit_scale,
+        (r.temperature <= 0 or 1 / r.temperature <= obj.max_logit_scale,  # (the check above reports τ <= 0)
          "objective.temperature is below 1/max_logit_scale; it would be clamped at once"),
         (r.entailment_weight >= 0, "objective.entailment_weight must be >= 0"),
         (r.entailment_weight == 0 or r.geometry == "lorentz",
@@ -438,10 +438,10 @@ def _objective_checks(obj: ObjectiveConfig) -> list[tuple[bool, str]]:
     ]
 
 
-def _soft_targets(obj: ObjectiveConfig) -> bool:
-    from cliplab.objectives.family import PRESETS, resolve
+def _needs_caption_embeddings(obj: ObjectiveConfig) -> bool:
+    from cliplab.objectives import data_needs
 
-    return obj.name in PRESETS and resolve(obj).targets == "soft"
+    return data_needs(obj).caption_embeddings
 
 
 def _schedule_checks(cfg: ExperimentConfig) -> list[tuple[bool, str]]:
@@ -493,7 +493,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.data.s3.max_attempts >= 1, "data.s3.max_attempts must be >= 1"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (contrastive needs negatives)"),
         *_objective_checks(cfg.objective),
-        (not _soft_targets(cfg.objective) or bool(cfg.data.caption_embeddings),
+        (not _needs_caption_embeddings(cfg.objective) or bool(cfg.data.caption_embeddings),
          "soft targets (X-CLR) need data.caption_embeddings: run `cliplab data embed-captions SHARDS` first"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),

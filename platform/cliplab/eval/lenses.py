@@ -5,6 +5,9 @@ Conventions:
 - ``x``/``y`` are N × D embeddings *in the objective's geometry* (what ``objective.embed``
   returns): unit vectors on the sphere, or the space components of points on the hyperboloid
   of curvature ``-c`` (see :mod:`cliplab.objectives.lorentz`).
+- The objective's geometry is read from its public :attr:`~cliplab.objectives.Objective.geometry`
+  (:func:`geometry_of`, :func:`curvature_of`, :func:`aperture_k_of`); the lenses take its name
+  and, on the hyperboloid, ``c`` (float64) and the cone constant ``K``.
 - The **Euclidean view** of an embedding (:func:`euclidean_view`) is the embedding itself on
   the sphere and its tangent vector at the origin, ``log_map0(x)``, on the hyperboloid: the
   chart in which geodesics through the origin are straight lines. Its **direction** is the
@@ -30,22 +33,21 @@ ROOT = "[ROOT]"
 
 # geometry helpers ------------------------------------------------------------------------------
 def geometry_of(objective) -> str:
-    """``"euclidean"`` or ``"lorentz"``: the objective's ``geometry`` attribute, else its resolved config."""
-    geometry = getattr(objective, "geometry", None)
-    if geometry is None and hasattr(objective, "r"):
-        geometry = objective.r.geometry
-    return geometry or "euclidean"
+    """``"euclidean"`` or ``"lorentz"``: the name of the objective's geometry."""
+    return objective.geometry.name
 
 
 def curvature_of(objective) -> torch.Tensor | None:
-    """The (positive) curvature magnitude ``c`` of a Lorentz objective, detached; else None."""
-    c = getattr(objective, "curvature", None)
-    return None if c is None else torch.as_tensor(c).detach().double()
+    """The (positive) curvature magnitude ``c`` of a hyperbolic objective, detached, in float64;
+    None on the sphere."""
+    geometry = objective.geometry
+    return geometry.curvature.detach().double() if geometry.cones else None
 
 
-def aperture_k_of(objective) -> float:
-    """MERU's cone constant ``K`` (``objective.cfg.aperture_k``, default 0.1)."""
-    return float(getattr(getattr(objective, "cfg", None), "aperture_k", 0.1) or 0.1)
+def aperture_k_of(objective) -> float | None:
+    """MERU's cone constant ``K`` of a hyperbolic objective; None on the sphere (no cones)."""
+    geometry = objective.geometry
+    return geometry.aperture_k if geometry.cones else None
 
 
 def euclidean_view(x: torch.Tensor, geometry: str = "euclidean", c: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,8 +138,7 @@ def entailment_satisfied(texts: torch.Tensor, images: torch.Tensor, c, k: float 
     """Row-wise booleans: image ``x_i`` lies inside the entailment cone of text ``y_i``, i.e.
     ``oxy_angle(y_i, x_i) ≤ half_aperture(y_i)`` (MERU; :mod:`cliplab.objectives.lorentz`)."""
     c = torch.as_tensor(c, dtype=torch.float64)
-    y, x = texts.detach().double(), images.detach().double()
-    return L.oxy_angle(y, x, c) <= L.half_aperture(y, c, k)
+    return L.cone_violation(texts.detach().double(), images.detach().double(), c, k) <= 0
 
 
 def entailment_rate(texts: torch.Tensor, images: torch.Tensor, c, k: float = 0.1) -> float:
@@ -146,10 +147,9 @@ def entailment_rate(texts: torch.Tensor, images: torch.Tensor, c, k: float = 0.1
 
 
 def origin_distance(x: torch.Tensor, c) -> torch.Tensor:
-    """Geodesic distance of each point to the hyperboloid's origin ``(1/√c, 0)``:
-    ``acosh(√c · t(x)) / √c = asinh(√c ‖x‖) / √c`` (the second form, stable near 0)."""
-    c = torch.as_tensor(c, dtype=torch.float64)
-    return torch.asinh(c.sqrt() * x.detach().double().norm(dim=-1)) / c.sqrt()
+    """Geodesic distance of each point to the hyperboloid's origin, in float64
+    (:func:`cliplab.objectives.lorentz.origin_distance`)."""
+    return L.origin_distance(x.detach().double(), torch.as_tensor(c, dtype=torch.float64))
 
 
 # traversals ------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def path_to_root(x: torch.Tensor, geometry: str, *, c=None, root: torch.Tensor |
     return F.normalize((1 - w) * x[None] + w * root.double()[None], dim=-1)
 
 
-def image_traversals(images: torch.Tensor, pool: torch.Tensor, geometry: str, *, c=None, k: float = 0.1,
+def image_traversals(images: torch.Tensor, pool: torch.Tensor, geometry: str, *, c=None, k: float | None = 0.1,
                      steps: int = 50, require_entailment: bool = True) -> list[list[int]]:
     """MERU's image traversals (Desai et al. 2023, sec. "image traversals"): move each image
     embedding along :func:`path_to_root` in ``steps`` steps and at every step retrieve the
@@ -195,7 +195,8 @@ def image_traversals(images: torch.Tensor, pool: torch.Tensor, geometry: str, *,
     on the hyperboloid (with [ROOT] the origin) and by cosine on the sphere (with [ROOT] the
     normalised mean of the pool). With ``require_entailment`` on the hyperboloid, as in MERU,
     only texts whose entailment cone contains the point may be retrieved; [ROOT] entails
-    everything, so the last step always retrieves it."""
+    everything, so the last step always retrieves it. ``c`` and ``k`` (the cone constant) are
+    the hyperboloid's and unused on the sphere."""
     pool = pool.detach().double()
     paths = []
     if geometry == "lorentz":

@@ -1,9 +1,11 @@
 """Contrastive objectives. Ray-free: they see local features and a :class:`DistContext`."""
 
-from cliplab.objectives.base import LossOutput, Objective
-from cliplab.objectives.family import PRESETS, ContrastiveObjective, resolve
+from cliplab.objectives.base import DataNeeds, LossOutput, Objective
+from cliplab.objectives.family import PRESETS, ContrastiveObjective, data_needs, resolve
+from cliplab.objectives.geometry import Geometry, Hyperboloid, Sphere
 
-__all__ = ["PRESETS", "ContrastiveObjective", "LossOutput", "Objective", "build_objective", "resolve"]
+__all__ = ["PRESETS", "ContrastiveObjective", "DataNeeds", "Geometry", "Hyperboloid", "LossOutput", "Objective",
+           "Sphere", "build_objective", "data_needs", "resolve"]
 
 
 def build_objective(cfg, embed_dim: int = 512) -> Objective:

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from cliplab.distributed import DistContext
-from cliplab.objectives import lorentz as L
-from cliplab.objectives.base import LossOutput, Objective, at_least_fp32
-from cliplab.objectives.hopfield import sphere_retrieval
+from cliplab.objectives.base import DataNeeds, LossOutput, Objective, at_least_fp32
+from cliplab.objectives.geometry import GEOMETRIES
 
 MASK = -1e9  # finite: soft targets × masked logits must never meet -inf
 SIGMOID_BIAS_INIT = -10.0  # SigLIP's b at init, unless the config or model.pretrained gives one
@@ -65,24 +63,24 @@ def resolve(cfg) -> Resolved:
     return Resolved(**{k: (getattr(cfg, k) if getattr(cfg, k) is not None else v) for k, v in base.items()})
 
 
-def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a_i · b_i`` (B) in fp32, rounded the way an autocast matmul of fp32 inputs rounds
-    (bf16 operands, fp32 sums, a bf16 result), so that a positive logit computed row by row
-    equals its entry in the logits matrix."""
-    device = a.device.type
-    if a.dtype == b.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        low = torch.get_autocast_dtype(device)
-        return (a.to(low).float() * b.to(low).float()).sum(-1).to(low).float()
-    return (a * b).sum(-1)
+def data_needs(cfg) -> DataNeeds:
+    """What the objective ``cfg`` describes needs from the data, read off the config alone (the
+    worker and ``config.validate`` ask before any objective is built)."""
+    soft = resolve(cfg).targets == "soft"  # X-CLR: caption embeddings, and two views between images
+    return DataNeeds(views=2 if soft and cfg.soft_target_views == "image_image" else 1, caption_embeddings=soft)
 
 
 class ContrastiveObjective(Objective):
-    """The whole family in one module; ``cfg`` is an :class:`cliplab.config.ObjectiveConfig`."""
+    """The whole family in one module; ``cfg`` is an :class:`cliplab.config.ObjectiveConfig`.
+    Its :attr:`geometry` (a :class:`~cliplab.objectives.geometry.Sphere` or
+    :class:`~cliplab.objectives.geometry.Hyperboloid`) embeds and scores; the module owns the
+    temperature, SigLIP's bias and Hopfield's β, and registers the geometry's scalars."""
 
     def __init__(self, cfg, embed_dim: int = 512) -> None:
         super().__init__()
         self.cfg = cfg
         self.r = resolve(cfg)
+        self.data_needs = data_needs(cfg)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / self.r.temperature)),
                                       requires_grad=self.r.learn_temperature)
         self.max_log_scale = math.log(cfg.max_logit_scale)
@@ -91,12 +89,9 @@ class ContrastiveObjective(Objective):
             self.bias = nn.Parameter(torch.tensor(float(bias)))
         if self.r.retrieval == "hopfield":
             self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.hopfield_beta)), requires_grad=cfg.learn_beta)
-        if self.r.geometry == "lorentz":
-            alpha = cfg.alpha_init if cfg.alpha_init is not None else embed_dim ** -0.5
-            self.log_alpha_image = nn.Parameter(torch.tensor(math.log(alpha)))
-            self.log_alpha_text = nn.Parameter(torch.tensor(math.log(alpha)))
-            self.log_curvature = nn.Parameter(torch.tensor(math.log(cfg.curvature_init)),
-                                              requires_grad=cfg.learn_curvature)
+        self.geometry = GEOMETRIES[self.r.geometry](cfg, embed_dim)
+        for name, p in self.geometry.scalars().items():  # flat names: log_curvature, not geometry.…
+            self.register_parameter(name, p)
 
     @property
     def lr_scale(self) -> float:
@@ -115,78 +110,26 @@ class ContrastiveObjective(Objective):
     @property
     def _view_to_view(self) -> bool:
         """X-CLR's seed setting: soft targets between two augmented image views."""
-        return self.r.targets == "soft" and self.cfg.soft_target_views == "image_image"
+        return self.data_needs.views == 2
 
     # geometry ----------------------------------------------------------------------------
     @property
     def curvature(self) -> torch.Tensor:
-        return self.log_curvature.exp()
-
-    def embed(self, features: torch.Tensor, modality: str = "image") -> torch.Tensor:
-        """Map raw projected features into the geometry (fp32): the unit sphere, or the
-        hyperboloid via ``exp_map0(α · f)`` (space components only)."""
-        f = at_least_fp32(features)
-        if self.r.geometry == "euclidean":
-            return F.normalize(f, dim=-1)
-        alpha = (self.log_alpha_image if modality == "image" else self.log_alpha_text).exp()
-        return L.exp_map0(alpha * f, self.curvature)
-
-    def ensemble(self, text_features: torch.Tensor) -> torch.Tensor:
-        """Prompt ensembling in the objective's own space: normalise-mean-normalise on the
-        sphere; the tangent-space mean before the lift on the hyperboloid."""
-        f = at_least_fp32(text_features)
-        if self.r.geometry == "euclidean":
-            return F.normalize(F.normalize(f, dim=-1).mean(dim=0), dim=-1)
-        return L.exp_map0(self.log_alpha_text.exp() * f.mean(dim=0), self.curvature)
-
-    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Cosine on the sphere; negative geodesic distance on the hyperboloid."""
-        if self.r.geometry == "euclidean":
-            return a @ b.T
-        return -L.distance(a, b, self.curvature)
+        """The hyperboloid's ``c`` (Lorentz geometry only)."""
+        return self.geometry.curvature
 
     def hopfield(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """One modern-Hopfield update: ``softmax(β · sim(q, M)) M``, back into the geometry
-        (normalised on the sphere; averaged in the origin's tangent space, then lifted, on the
-        hyperboloid).
-
-        With ``hopfield_chunk`` set and gradients on, the queries run in chunks whose B × N
-        weights are recomputed in backward instead of kept, so the retrieval holds no B × N
-        matrix between forward and backward: on the sphere by
-        :func:`hopfield.sphere_retrieval`'s FlashAttention-style backward (which recomputes only
-        the scores), on the hyperboloid by activation checkpointing."""
-        beta = self.log_beta.exp()
-        chunk = self.cfg.hopfield_chunk
-        if chunk is None or not torch.is_grad_enabled():
-            return self._retrieve(queries, memory, beta)
-        if self.r.geometry == "euclidean":
-            return F.normalize(sphere_retrieval(queries, memory, beta, chunk), dim=-1)
-        return torch.cat([checkpoint(self._retrieve, q, memory, beta, use_reentrant=False)
-                          for q in queries.split(chunk)])
-
-    def _retrieve(self, queries: torch.Tensor, memory: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        if self.r.geometry == "euclidean":  # β scales the B queries, not the B × N scores
-            weights = torch.softmax(at_least_fp32((beta * queries) @ memory.T), dim=1)
-            return F.normalize(weights @ memory, dim=-1)
-        c = self.curvature
-        weights = torch.softmax(L.scaled_neg_distance(queries, memory, c, beta), dim=1)
-        return L.exp_map0(L.tangent_mean(weights, memory, c), c)
+        """One modern-Hopfield update at the learned β (:meth:`Geometry.retrieve`), in chunks
+        recomputed in backward when ``hopfield_chunk`` is set."""
+        return self.geometry.retrieve(queries, memory, self.log_beta.exp(), self.cfg.hopfield_chunk)
 
     def _logits(self, anchors: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """``s · sim(anchors, columns)`` (B × N) in fp32, without keeping a second B × N matrix
-        for the gradient of ``s``: on the sphere ``s`` scales the B anchors; on the hyperboloid
-        :func:`lorentz.scaled_neg_distance` keeps only the points."""
-        scale = self.log_scale.exp()
-        if self.r.geometry == "euclidean":
-            return at_least_fp32((scale * anchors) @ columns.T)
-        return L.scaled_neg_distance(anchors, columns, self.curvature, scale)
+        """``s · sim(anchors, columns)`` (B × N) in fp32."""
+        return self.geometry.logits(anchors, columns, self.log_scale.exp())
 
     def _positive_logits(self, anchors: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
         """``s · sim(anchor_i, partner_i)`` row by row (B): the diagonal, without a B × N mask."""
-        scale = self.log_scale.exp()
-        if self.r.geometry == "euclidean":
-            return _rowwise_dot(scale * at_least_fp32(anchors), at_least_fp32(partners))
-        return -scale * L.paired_distance(anchors, partners, self.curvature)
+        return self.geometry.positive_logits(anchors, partners, self.log_scale.exp())
 
     # loss --------------------------------------------------------------------------------
     def loss(self, image_features, text_features, ctx: DistContext, extras=None) -> LossOutput:
@@ -225,10 +168,8 @@ class ContrastiveObjective(Objective):
         if self.r.denominator == "infoloob" and self.cfg.loob_scale_by_tau:
             contrastive = contrastive / self.log_scale.exp()
         loss = contrastive
-        if self.r.entailment_weight > 0:
-            if self.r.geometry != "lorentz":
-                raise ValueError("entailment cones need the lorentz geometry")
-            terms["loss/entailment"] = self.entailment(x, y)
+        if self.r.entailment_weight > 0:  # MERU: text y_i entails image x_i (a ValueError on the sphere)
+            terms["loss/entailment"] = self.geometry.entailment_loss(x, y)
             terms["loss/contrastive"] = contrastive
             loss = contrastive + self.r.entailment_weight * terms["loss/entailment"]
         return LossOutput(loss, terms)
@@ -250,13 +191,6 @@ class ContrastiveObjective(Objective):
             logits.diagonal(offset).fill_(MASK)
         return (torch.logsumexp(logits, dim=1) - target_term).mean()
 
-    def entailment(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """MERU's cone loss on local pairs: text ``y_i`` entails image ``x_i``."""
-        c = self.curvature
-        angle = L.oxy_angle(y, x, c)
-        aperture = L.half_aperture(y, c, self.cfg.aperture_k)
-        return torch.relu(angle - aperture).mean()
-
     # scalars -----------------------------------------------------------------------------
     def metric_tensors(self) -> dict[str, torch.Tensor]:
         out = {"scalars/logit_scale": self.log_scale.detach().exp()}
@@ -264,17 +198,10 @@ class ContrastiveObjective(Objective):
             out["scalars/sigmoid_bias"] = self.bias.detach()
         if hasattr(self, "log_beta"):
             out["scalars/hopfield_beta"] = self.log_beta.detach().exp()
-        if hasattr(self, "log_curvature"):
-            out["scalars/curvature"] = self.curvature.detach()
-            out["scalars/alpha_image"] = self.log_alpha_image.detach().exp()
-            out["scalars/alpha_text"] = self.log_alpha_text.detach().exp()
-        return out
+        return out | self.geometry.metric_tensors()
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        """The spec's clamps: s ∈ [1, max_logit_scale]; c ∈ [c_min, c_max]; α ≤ 1."""
+        """The spec's clamps: s ∈ [1, max_logit_scale], then the geometry's (c ∈ [c_min, c_max]; α ≤ 1)."""
         self.log_scale.clamp_(0.0, self.max_log_scale)
-        if hasattr(self, "log_curvature"):
-            self.log_curvature.clamp_(math.log(self.cfg.curvature_min), math.log(self.cfg.curvature_max))
-            self.log_alpha_image.clamp_(max=0.0)
-            self.log_alpha_text.clamp_(max=0.0)
+        self.geometry.clamp_()

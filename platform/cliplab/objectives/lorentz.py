@@ -199,3 +199,16 @@ def oxy_angle(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor
     numer = ty + c_inner * tx
     denom = x.norm(dim=-1) * torch.sqrt(torch.clamp(c_inner**2 - 1, min=eps)) + eps
     return torch.acos(torch.clamp(numer / denom, -1 + eps, 1 - eps))
+
+
+def cone_violation(texts: torch.Tensor, images: torch.Tensor, c: torch.Tensor, k: float = 0.1) -> torch.Tensor:
+    """How far image ``images_i`` lies outside the entailment cone of text ``texts_i`` (row-wise
+    pairs, shape B, radians): ``oxy_angle(texts_i, images_i) − half_aperture(texts_i)``; ≤ 0
+    inside the cone (MERU)."""
+    return oxy_angle(texts, images, c) - half_aperture(texts, c, k)
+
+
+def origin_distance(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Geodesic distance of each point to the origin ``(1/√c, 0)``:
+    ``acosh(√c · t(x)) / √c = asinh(√c ‖x‖) / √c`` (the second form, stable near 0)."""
+    return torch.asinh(torch.sqrt(c) * x.norm(dim=-1)) / torch.sqrt(c)

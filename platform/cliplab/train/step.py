@@ -28,12 +28,13 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(module: nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups` at ``cfg.lr`` times the objective's ``lr_scale`` (CLOOB's
-    preset takes 0.1); ``cfg.fused`` None picks the fused kernel when the parameters live on CUDA
-    (move the module to its device first)."""
+    """AdamW over :func:`param_groups` of a :class:`~cliplab.models.DualEncoder` (or DDP of one) at
+    ``cfg.lr`` times its objective's :attr:`~cliplab.objectives.Objective.lr_scale` (CLOOB's preset
+    takes 0.1); ``cfg.fused`` None picks the fused kernel when the parameters live on CUDA (move
+    the module to its device first)."""
     on_cuda = all(p.is_cuda for p in module.parameters())
     fused = cfg.fused if cfg.fused is not None else on_cuda
-    lr = cfg.lr * getattr(getattr(unwrap(module), "objective", None), "lr_scale", 1.0)
+    lr = cfg.lr * unwrap(module).objective.lr_scale
     return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 

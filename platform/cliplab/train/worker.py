@@ -328,20 +328,19 @@ def _train_stream(cfg: ExperimentConfig, steps_per_epoch: int, rank: int, world:
     import ray.train
 
     from cliplab.data.stream import RankStream, index_from_rows
-    from cliplab.objectives import resolve
+    from cliplab.objectives import data_needs
 
     index = index_from_rows(ray.train.get_dataset_shard("train_index").iter_rows())
-    views, captions_ref = 1, None
-    if resolve(cfg.objective).targets == "soft":  # X-CLR: caption embeddings joined by key, maybe two views
+    needs, captions_ref = data_needs(cfg.objective), None
+    if needs.caption_embeddings:  # X-CLR: caption embeddings joined by key
         from cliplab.data.captions import load_caption_table
 
         captions_ref = ray.put(load_caption_table(cfg.data.caption_embeddings, cfg.data.s3))
-        views = 2 if cfg.objective.soft_target_views == "image_image" else 1
     decode_on = cfg.data.decode_on
     if decode_on == "auto":  # a GPU step leaves its worker's cores idle for Ray Data's tasks; a CPU step does not
         decode_on = "tasks" if device.type == "cuda" else "worker"
     return RankStream(index, cfg.data, cfg.model.name, rank=rank, world=world, steps=steps_per_epoch,
-                      device=device, views=views, captions_ref=captions_ref, decode_on=decode_on)
+                      device=device, views=needs.views, captions_ref=captions_ref, decode_on=decode_on)
 
 
 def _log_run_artifacts(tracker, metrics: dict[str, float], history, *, title: str) -> None:
