@@ -44,17 +44,39 @@ def _evaluate(t: Trainee) -> dict[str, float]:
     import ray.train
 
     cfg = t.cfg
-    val = ray.train.get_dataset_shard("val") if cfg.data.val else None
-    if val is None:
+    if not cfg.data.val:
         return {}
     from collections import Counter
 
     from cliplab.data.pipeline import good_rows, skip_metrics
 
+    if _decode_on(cfg, t.device) == "worker":  # in this process, like the training samples: no Ray Data start-up
+        blocks = _val_blocks(cfg)
+    else:
+        blocks = ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
     skipped: Counter = Counter()  # val samples and shards the shared decoder skipped, by reason
-    batches = good_rows(val.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"), skipped)
+    batches = good_rows(blocks, skipped)
     metrics = evaluate_module(unwrap(t.model), t.bundle.tokenizer, batches, cfg.eval.templates)
     return {**metrics, **skip_metrics(skipped)}
+
+
+def _val_blocks(cfg: ExperimentConfig):
+    """The val shards read and decoded here, shard by shard, by the val pipeline's own reader."""
+    from cliplab.data.decode import Limits
+    from cliplab.data.pipeline import read_val_shard
+    from cliplab.data.sources import resolve_shards
+
+    shards = resolve_shards(cfg.data.val, cfg.data.s3)
+    for path in shards.paths:
+        yield from read_val_shard({"path": [path]}, filesystem=shards.filesystem, prefix="s3://" if shards.is_s3 else "",
+                                  model_name=cfg.model.name, label_key=cfg.data.label_key, limits=Limits.of(cfg.data))
+
+
+def _decode_on(cfg: ExperimentConfig, device: torch.device) -> str:
+    """Where this worker decodes (``data.decode_on``, ``auto`` resolved): ``tasks`` or ``worker``."""
+    if cfg.data.decode_on != "auto":
+        return cfg.data.decode_on
+    return "tasks" if device.type == "cuda" else "worker"  # a GPU step leaves its worker's cores idle for tasks
 
 
 def _device() -> torch.device:
@@ -191,6 +213,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train
 
     logging.getLogger("root").setLevel(logging.WARNING)  # open_clip logs model creation at INFO
+    startup = [("start the workers", time.time())]  # wall clock: the driver stamped config["started_at"]
     cfg: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
     t = Trainee.build(cfg, config["steps_per_epoch"])
     resume = ray.train.get_checkpoint()
@@ -198,6 +221,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if isinstance(state, str):
         return {STOPPED: state, "step": 0}
     t.wrap()
+    startup.append(("build the model", time.time()))
     ctx = DistContext.current()
     data = _train_stream(cfg, config["steps_per_epoch"], t.rank, ctx.world_size, t.device)
     fingerprint = plan.fingerprint(data.index, cfg.data)  # saved with each checkpoint's data position
@@ -206,7 +230,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     data.restore(state.get("data_position") if state else None)  # the next unseen sample of the epoch
     tracker, monitor = _open_run(config, t, ctx.world_size, state)
     log, saver = RunLog(tracker, t.rank), Checkpointer(t, data, fingerprint, tracker, ctx)
-    stopped, metrics = _loop(t, data, ctx, log, saver, started_at=config.get("started_at"))
+    startup.append(("open the data and the run", time.time()))
+    stopped, metrics = _loop(t, data, ctx, log, saver, startup=(config.get("started_at"), startup))
     if monitor is not None:
         stop_system_metrics(monitor)
     if stopped is not None:
@@ -225,9 +250,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
 
 def _loop(t: Trainee, data, ctx: DistContext, log: RunLog, saver: Checkpointer,
-          started_at: float | None = None) -> tuple[str | None, dict]:
+          startup: tuple[float | None, list] = (None, [])) -> tuple[str | None, dict]:
     """Epochs of steps until the budget is spent; ``(why it stopped early or None, last metrics)``.
-    ``started_at``: when the driver built the trainer (``time.time()``), for the first-step line."""
+    ``startup``: when the driver built the trainer and the worker's start-up marks, for the first-step line."""
     cfg, meter = t.cfg, Throughput(ctx.world_size)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     flops_per_step: float | None = None
@@ -238,8 +263,8 @@ def _loop(t: Trainee, data, ctx: DistContext, log: RunLog, saver: Checkpointer,
         for batch in meter.timed(data.batches(t.epoch)):
             if flops_per_step is None:  # count FLOPs once, on the first step
                 metrics, flops_per_step = count_flops(t.step_fn(batch, ctx))
-                if t.rank == 0 and started_at:
-                    print(f"first step done {time.time() - started_at:.1f} s after the trial started", flush=True)
+                if t.rank == 0:
+                    _print_startup(*startup)
             else:
                 metrics = t.step_fn(batch, ctx)()
             meter.step_done(len(batch["image"]))
@@ -274,6 +299,18 @@ def _loop(t: Trainee, data, ctx: DistContext, log: RunLog, saver: Checkpointer,
             saver.report(metrics, checkpoint=False)
         _print_progress(t, meter, epoch, steps_end)
     return None, metrics
+
+
+def _print_startup(started_at: float | None, marks: list[tuple[str, float]]) -> None:
+    """Rank 0's line after its first step: how long since the driver built the trainer, and where
+    that time went (wall clocks of one host: the driver's and the worker's)."""
+    if not started_at:
+        return
+    now, last, parts = time.time(), started_at, []
+    for what, at in [*marks, ("read the first batch and step", time.time())]:
+        parts.append(f"{at - last:.1f} s to {what}")
+        last = at
+    print(f"first step done {now - started_at:.1f} s after the trial started ({', '.join(parts)})", flush=True)
 
 
 def _print_progress(t: Trainee, meter: Throughput, epoch: int, steps_end: float) -> None:
@@ -336,11 +373,8 @@ def _train_stream(cfg: ExperimentConfig, steps_per_epoch: int, rank: int, world:
         from cliplab.data.captions import load_caption_table
 
         captions_ref = ray.put(load_caption_table(cfg.data.caption_embeddings, cfg.data.s3))
-    decode_on = cfg.data.decode_on
-    if decode_on == "auto":  # a GPU step leaves its worker's cores idle for Ray Data's tasks; a CPU step does not
-        decode_on = "tasks" if device.type == "cuda" else "worker"
     return RankStream(index, cfg.data, cfg.model.name, rank=rank, world=world, steps=steps_per_epoch,
-                      device=device, views=needs.views, captions_ref=captions_ref, decode_on=decode_on)
+                      device=device, views=needs.views, captions_ref=captions_ref, decode_on=_decode_on(cfg, device))
 
 
 def _log_run_artifacts(tracker, metrics: dict[str, float], history, *, title: str) -> None:
