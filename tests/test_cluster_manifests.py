@@ -1136,8 +1136,8 @@ def test_job_runtime_envs_leave_the_drivers_variables_alone(monkeypatch):
     one of the same variables, so neither runtime_env.yaml nor a RayJob may set them."""
     import ray
 
+    from cliplab.ray_connect import init_ray
     from cliplab.submit import DRIVER_ENV_VARS
-    from cliplab.train.launch import init_ray
 
     seen = {}
     monkeypatch.setattr(os, "environ", os.environ.copy())  # init_ray sets defaults in os.environ

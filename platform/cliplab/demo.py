@@ -32,13 +32,13 @@ def _quick(sweep):
 
 def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool = False,
              extra_overrides: list[str] | None = None) -> dict:
-    from cliplab.cli.sweep_cmd import print_outcome
     from cliplab.data.captions import EMBED_DIR, embed_captions
     from cliplab.data.emoji import build_emoji_corpus
     from cliplab.data.sources import resolve_shards, upload
+    from cliplab.ray_connect import init_ray
     from cliplab.services import MlflowService, RayService, S3Service
-    from cliplab.train.launch import init_ray
     from cliplab.tune import load_sweep, run_sweep
+    from cliplab.tune.report import outcome_text
 
     workdir = workdir.resolve()
     if not sweep_file.is_file():
@@ -84,7 +84,7 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
             try:
                 outcome = run_sweep(sweep, address=ray_svc.address)
                 print("[5/6] results\n")
-                print_outcome(sweep, outcome)
+                print(outcome_text(sweep, outcome))
                 print("\n[6/6] eval of every objective's final model (`cliplab eval`'s code): zero-shot on "
                       "Fashion-MNIST and emoji groups, val retrieval, MERU's entailment\n")
                 sets = eval_sets(workdir, fmnist_limit=500 if quick else 2000)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cliplab.errors import ConfigError, ServiceError
+from cliplab.ray_connect import DRIVER_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
@@ -57,9 +58,9 @@ SECRETS_WARNING = ("cliplab: warning: --forward-secrets puts {names} in the job'
                    "the dashboard's Jobs page) for as long as the job is listed. Prefer a Kubernetes Secret "
                    "(cluster/README.md).")
 
-# Set by cliplab's driver in its own ray.init runtime env (cliplab.train.launch.init_ray): Ray fails a
+# Set by cliplab's driver in its own ray.init runtime env (cliplab.ray_connect.init_ray): Ray fails a
 # job whose runtime env sets the same variable, so a job's runtime env must not.
-DRIVER_ENV_VARS = ("RAY_DATA_DISABLE_PROGRESS_BARS",)
+DRIVER_ENV_VARS = tuple(DRIVER_ENV)
 
 
 @dataclass
@@ -224,7 +225,7 @@ def holds_secret(name: str, value: str, redactor=None) -> bool:
     """Whether an env var (or a config override) carries a secret: a secret-named variable
     (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN``, ``*_PASSWORD``...), or a value the MLflow redactor
     would mask (a URI with a password, a known secret value)."""
-    from cliplab.tracking.secrets import Redactor, is_secret_name
+    from cliplab.redaction import Redactor, is_secret_name
 
     redactor = redactor or Redactor()
     return is_secret_name(name) or redactor.text(value) != value
@@ -246,7 +247,7 @@ def build_job(file: str | Path, *, overrides: Iterable[str] = (), extra_args: It
     Without ``forward_secrets`` no secret value reaches the entrypoint or the runtime env: secret
     variables of :data:`FORWARD_ENV` stay here (``withheld``), and a secret in ``env``, ``overrides``
     or the runtime env file is a :class:`ConfigError`."""
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     redactor = Redactor()
     wd = Path(working_dir).expanduser().resolve()
@@ -347,7 +348,7 @@ def submit(job: JobSpec, address: str | None = None, job_client=None) -> str:
 def redacted_writer(secrets: Iterable[str] = ()) -> Callable[[str], None]:
     """Writes to stdout with the secrets of this environment (and ``secrets``) masked: a job's log can
     echo its runtime env, which carries the forwarded credentials."""
-    from cliplab.tracking.secrets import Redactor, secret_values
+    from cliplab.redaction import Redactor, secret_values
 
     redactor = Redactor(secret_values(extra=secrets))
 
@@ -392,6 +393,6 @@ def job_message(job_client, job_id: str) -> str:
     text = (info.message or "").strip()
     first = text.splitlines()[0] if text else ""
     first = first.split(", last available logs")[0].rstrip(":")
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     return Redactor().text(first)

@@ -102,7 +102,7 @@ def run_embed_captions(args: argparse.Namespace) -> int:
     from cliplab.config import S3Config
     from cliplab.data.captions import embed_captions
     from cliplab.data.sources import resolve_shards
-    from cliplab.train.launch import init_ray
+    from cliplab.ray_connect import init_ray
 
     shards = resolve_shards(args.url, S3Config(endpoint_url=args.endpoint_url))
     init_ray(args.address)

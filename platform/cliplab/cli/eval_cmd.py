@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     out = Path(args.out) if args.out else Path("eval-reports") / time.strftime("%Y%m%d-%H%M%S")
     if not args.local and args.address:
-        from cliplab.train.launch import init_ray
+        from cliplab.ray_connect import init_ray
 
         init_ray(args.address)
 

@@ -1,6 +1,6 @@
 """An MLflow tracker that never makes training wait and never loses a record.
 
-Every call is redacted (:mod:`cliplab.tracking.secrets`), appended to an on-disk spool
+Every call is redacted (:mod:`cliplab.redaction`), appended to an on-disk spool
 (``ops.jsonl``, one JSON record per call, numbered) and handed to a background thread that sends
 records to MLflow in order. When the server is unreachable the thread keeps retrying with
 backoff while training goes on; when it is back the backlog is flushed, with each metric's
@@ -39,7 +39,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from cliplab.tracking.secrets import Redactor
+from cliplab.redaction import Redactor
 
 log = logging.getLogger(__name__)
 

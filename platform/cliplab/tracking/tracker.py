@@ -106,7 +106,7 @@ def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
     import urllib.parse
     import urllib.request
 
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     parts = urllib.parse.urlsplit(uri)
     shown = Redactor().text(uri)
@@ -134,7 +134,7 @@ def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
 def quiet_run_links(uri: str | None) -> None:
     """MLflow prints "View run NAME at: URI/#/..." to stdout when a run ends, with the URI as given:
     a password in it would land in the driver's log. Such URIs get no printed link."""
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     if uri and Redactor().text(uri) != uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -150,7 +150,7 @@ def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str
     """
     import time
 
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
     from cliplab.tracking.spool import SpoolingTracker, quiet_mlflow_retries
 
     uri = tracking_uri(cfg)

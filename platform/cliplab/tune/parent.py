@@ -24,8 +24,8 @@ class ParentRun:
             return cls(None, None)
         from mlflow import MlflowClient
 
-        from cliplab.tracking.secrets import Redactor
-        from cliplab.train.checkpoint import run_storage
+        from cliplab.checkpoint import run_storage
+        from cliplab.redaction import Redactor
 
         # beside the sweep's Tune state, local or on S3, so that --resume finds it wherever it runs
         filesystem, root = run_storage(sweep_path, sweep.base.data.s3)

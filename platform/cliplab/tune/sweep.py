@@ -206,7 +206,8 @@ def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict,
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cliplab.train.launch import STOPPED, Prepared, build_datasets, build_trainer
+    from cliplab.train.launch import Prepared, build_datasets, build_trainer
+    from cliplab.train.protocol import STOPPED
 
     cfg = with_overrides(base, params)
     trial = tune.get_context().get_trial_name()
@@ -223,8 +224,8 @@ def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict,
 
 def _upload(local_root: Path, files, folder: str, s3cfg) -> None:
     """Copy ``files`` (under ``local_root``) to ``folder`` on its storage, keeping their layout."""
+    from cliplab.checkpoint import run_storage
     from cliplab.data.sources import put_files
-    from cliplab.train.checkpoint import run_storage
 
     filesystem, root = run_storage(folder, s3cfg)
     put_files(filesystem, local_root, files, root)
@@ -246,7 +247,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     register the best trial (champion only if it beats the current one, else challenger)."""
     from ray import tune
 
-    from cliplab.train.launch import STOPPED, init_ray, preflight, steps_per_epoch, storage_kwargs
+    from cliplab.ray_connect import init_ray
+    from cliplab.train.launch import preflight, steps_per_epoch, storage_kwargs
+    from cliplab.train.protocol import STOPPED
     from cliplab.tune import report
     from cliplab.tune.capacity import wait_for_capacity
     from cliplab.tune.parent import ParentRun
