@@ -91,9 +91,15 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status)
 
 
+def resolve_uri(uri: str | None) -> str | None:
+    """``uri`` (``tracking.uri``, ``--tracking-uri``), else ``MLFLOW_TRACKING_URI``, else None
+    (tracking off): the one place that fallback is written."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def tracking_uri(cfg) -> str | None:
-    """The configured URI, else ``MLFLOW_TRACKING_URI``, else None (tracking off)."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    """The MLflow URI of a :class:`~cliplab.config.TrackingConfig` (:func:`resolve_uri`)."""
+    return resolve_uri(cfg.uri)
 
 
 def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
