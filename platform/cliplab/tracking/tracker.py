@@ -65,11 +65,9 @@ class MlflowTracker:
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
 
     def log_params(self, params):
-        from mlflow.entities import Param
+        from cliplab.tracking.spool import log_params_batched
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        log_params_batched(self.client, self.run_id, params)
 
     def log_metrics(self, metrics, step):
         import time
