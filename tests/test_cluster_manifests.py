@@ -1111,7 +1111,7 @@ def test_runtime_env_file():
 
 
 def test_submit_builds_the_job_from_the_runtime_env(monkeypatch):
-    from cliplab.submit import build_job
+    from cliplab.jobspec import build_job
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "forwarded-secret")
@@ -1136,7 +1136,7 @@ def test_job_runtime_envs_leave_the_drivers_variables_alone(monkeypatch):
     one of the same variables, so neither runtime_env.yaml nor a RayJob may set them."""
     import ray
 
-    from cliplab.submit import DRIVER_ENV_VARS
+    from cliplab.jobspec import DRIVER_ENV_VARS
     from cliplab.train.launch import init_ray
 
     seen = {}
