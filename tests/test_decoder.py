@@ -310,7 +310,7 @@ def _palette_png_with_byte_transparency() -> bytes:
 
 
 def test_palette_images_with_transparency_decode_without_pil_warnings():
-    from cliplab.data.pipeline import load_rgb
+    from cliplab.data.decode import load_rgb
 
     raw = _palette_png_with_byte_transparency()
     with Image.open(io.BytesIO(raw)) as im:

@@ -14,7 +14,7 @@ PACKAGE = PLATFORM / "cliplab"
 # one above. Each entry is a subpackage or a top-level module of cliplab ("" is cliplab/__init__.py).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli",),                     # the command line
-    ("demo", "submit"),           # `cliplab demo`, `cliplab submit` (Ray jobs)
+    ("demo", "submit", "jobspec"),  # `cliplab demo`, `cliplab submit` (Ray jobs) and the job it sends
     ("tune",),                    # sweeps on Ray Tune, promotion, sweep reports
     ("train",),                   # Ray Train: launch, the worker loop, the Ray-free step
     ("eval",),                    # scoring, lenses, `cliplab eval`

@@ -44,7 +44,7 @@ def _scan_folder(folder: Path, secrets) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------- cliplab submit
 
 def test_submit_keeps_secret_values_out_of_the_job(monkeypatch):
-    from cliplab.submit import build_job
+    from cliplab.jobspec import build_job
 
     for k, v in SHELL_SECRETS.items():
         monkeypatch.setenv(k, v)
@@ -68,7 +68,7 @@ def test_submit_keeps_secret_values_out_of_the_job(monkeypatch):
 @pytest.mark.parametrize("how", ["env", "set", "runtime-env-file"])
 def test_a_secret_given_explicitly_is_refused_without_the_flag(how, monkeypatch, tmp_path):
     from cliplab.errors import ConfigError
-    from cliplab.submit import build_job
+    from cliplab.jobspec import build_job
 
     for k, v in SHELL_SECRETS.items():
         monkeypatch.setenv(k, v)

@@ -1,6 +1,6 @@
 """The driver's connection to Ray, shared by ``cliplab train``, ``eval``, ``sweep``, ``data`` and
 the demo: one :func:`init_ray`, and the runtime env it gives its own driver (:data:`DRIVER_ENV`),
-which a submitted job's runtime env must leave alone (:mod:`cliplab.submit`)."""
+which a submitted job's runtime env must leave alone (:mod:`cliplab.jobspec`)."""
 
 from __future__ import annotations
 

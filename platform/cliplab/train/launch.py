@@ -137,7 +137,10 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
             callbacks=callbacks or [],
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # split none: every worker reads build_datasets' train_index whole (each rank picks its own
+        # samples from it) and the whole val set (retrieval ranks against all of it); Ray's
+        # default ("all") would hand each worker a slice of both
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 
