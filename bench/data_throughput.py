@@ -108,9 +108,9 @@ def bench_webdataset(urls: list[str], model: str, batch: int, cpus: int, total: 
     import torch
     import webdataset as wds
 
-    from cliplab.data.pipeline import _transforms
+    from cliplab.models import preprocessing
 
-    transform, tokenizer = _transforms(model, True)
+    transform, tokenizer = preprocessing(model, True)
 
     def tokens(caption: str):
         return tokenizer([caption])[0]

@@ -67,8 +67,8 @@ def decide(argv: list[str], environ=os.environ) -> tuple[list[str], str]:
         if tune.Tuner.can_restore(path, storage_filesystem=storage.get("storage_filesystem")):
             return [*argv, "--resume"], f"sweep {sweep.name} of run {rid} found at {base}/{rid}: resuming it"
         return argv, f"no sweep {sweep.name} of run {rid} under {base}/{rid} yet: starting it"
+    from cliplab.checkpoint import latest_in_storage
     from cliplab.config import load_experiment
-    from cliplab.train.checkpoint import latest_in_storage
 
     cfg = load_experiment(args.config, args.overrides)
     run_uri = f"{cfg.storage_path.rstrip('/')}/{rid}"

@@ -26,7 +26,7 @@ def _train_fn(config):
 
     import ray.train
 
-    from cliplab.train.checkpoint import MARKER
+    from cliplab.checkpoint import MARKER
     from cliplab.train.persist import persist_checkpoint as _persist_checkpoint
 
     resumed = ray.train.get_checkpoint()
@@ -77,7 +77,7 @@ def _trainer(storage: Path, config: dict):
 def test_a_worker_killed_mid_copy_leaves_no_checkpoint_that_passes_for_complete(tmp_path, ray_cluster):
     from ray.train import TrainingFailedError
 
-    from cliplab.train.checkpoint import MARKER, latest_checkpoint, latest_in_storage
+    from cliplab.checkpoint import MARKER, latest_checkpoint, latest_in_storage
 
     storage = tmp_path / "runs"
     run = storage / "torn"

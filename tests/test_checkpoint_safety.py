@@ -31,10 +31,10 @@ class _RunsCode:
 
 
 def _save_tiny_checkpoint(path: Path):
+    from cliplab.checkpoint import save_checkpoint
     from cliplab.config import ExperimentConfig
     from cliplab.models import DualEncoder, build_model
     from cliplab.objectives import build_objective
-    from cliplab.train.checkpoint import save_checkpoint
     from cliplab.train.step import build_optimizer, cosine_with_warmup
 
     cfg = ExperimentConfig()
@@ -53,7 +53,7 @@ def _plant(file: Path, marker: Path) -> None:
 
 
 def test_trainer_state_is_tensors_and_plain_types_and_restores_every_rng(tmp_path):
-    from cliplab.train.checkpoint import load_trainer_state, restore_rng
+    from cliplab.checkpoint import load_trainer_state, restore_rng
 
     random.seed(1)
     np.random.seed(2)
@@ -77,7 +77,7 @@ def test_trainer_state_is_tensors_and_plain_types_and_restores_every_rng(tmp_pat
 def test_a_checkpoint_from_before_the_plain_format_still_resumes(tmp_path):
     """The documented one-way path: an old trainer.pt (numpy's RNG state as a numpy array) loads
     with numpy's array constructors allowed and nothing else; the next checkpoint is plain."""
-    from cliplab.train.checkpoint import load_trainer_state, restore_rng
+    from cliplab.checkpoint import load_trainer_state, restore_rng
 
     _save_tiny_checkpoint(tmp_path / "ckpt")
     old = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=True)
@@ -93,7 +93,7 @@ def test_a_checkpoint_from_before_the_plain_format_still_resumes(tmp_path):
 
 @pytest.mark.parametrize("name", ["trainer.pt", "model.pt", "objective.pt"])
 def test_a_pickle_that_runs_code_is_refused_by_the_loaders_and_never_runs(tmp_path, name):
-    from cliplab.train import checkpoint as ckpt
+    from cliplab import checkpoint as ckpt
 
     module = _save_tiny_checkpoint(tmp_path / "ckpt")
     marker = tmp_path / "pwned"
@@ -125,8 +125,8 @@ def test_cliplab_eval_refuses_a_planted_model_pickle(tmp_path, emoji_corpus):
 def test_resume_and_restart_refuse_a_planted_trainer_state(tmp_path, s3_server, mlflow_server, ray_cluster):
     """`cliplab train --resume` refuses it in the driver, before any Ray work; the workers' loader
     (what a FailureConfig restart runs) refuses it too and ends the run without a restart."""
+    from cliplab.checkpoint import latest_checkpoint
     from cliplab.errors import TrainingError
-    from cliplab.train.checkpoint import latest_checkpoint
     from cliplab.train.launch import (
         build_datasets,
         build_trainer,

@@ -1111,7 +1111,7 @@ def test_runtime_env_file():
 
 
 def test_submit_builds_the_job_from_the_runtime_env(monkeypatch):
-    from cliplab.submit import build_job
+    from cliplab.jobspec import build_job
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "forwarded-secret")
@@ -1136,8 +1136,8 @@ def test_job_runtime_envs_leave_the_drivers_variables_alone(monkeypatch):
     one of the same variables, so neither runtime_env.yaml nor a RayJob may set them."""
     import ray
 
-    from cliplab.submit import DRIVER_ENV_VARS
-    from cliplab.train.launch import init_ray
+    from cliplab.jobspec import DRIVER_ENV_VARS
+    from cliplab.ray_connect import init_ray
 
     seen = {}
     monkeypatch.setattr(os, "environ", os.environ.copy())  # init_ray sets defaults in os.environ

@@ -23,7 +23,7 @@ def _recorded(folder: Path) -> dict[int, list[str]]:
 @pytest.mark.mlflow
 def test_stopped_mid_epoch_then_resumed_reads_every_sample_exactly_once_in_plan_order(
         tmp_path, s3_server, mlflow_server, ray_cluster, emoji_corpus):
-    from cliplab.train.checkpoint import load_trainer_state
+    from cliplab.checkpoint import load_trainer_state
     from cliplab.train.launch import run_training, steps_per_epoch
 
     record = tmp_path / "keys"

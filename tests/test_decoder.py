@@ -181,7 +181,7 @@ def test_index_ranges_after_a_sparse_member_read_back_the_next_sample(tmp_path):
 
 def _eval_skips(folder: Path) -> Counter:
     from cliplab.config import ModelConfig
-    from cliplab.eval.runner import encode_piece
+    from cliplab.eval.embedding import encode_piece
     from cliplab.models import build_model
 
     bundle = build_model(ModelConfig(name="cliplab-tiny"))
@@ -310,7 +310,7 @@ def _palette_png_with_byte_transparency() -> bytes:
 
 
 def test_palette_images_with_transparency_decode_without_pil_warnings():
-    from cliplab.data.pipeline import load_rgb
+    from cliplab.data.decode import load_rgb
 
     raw = _palette_png_with_byte_transparency()
     with Image.open(io.BytesIO(raw)) as im:

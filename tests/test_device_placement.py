@@ -101,7 +101,8 @@ def test_zero_shot_prompts_reach_the_model_on_its_device():
 def test_cliplab_eval_text_features_and_shard_embedding_use_the_model_device(tmp_path):
     from pyarrow import fs
 
-    from cliplab.eval.runner import LoadedModel, encode_piece
+    from cliplab.eval.embedding import encode_piece
+    from cliplab.eval.loading import LoadedModel
 
     module = _module(stop_after=1)
     loaded = LoadedModel(module, SimpleNamespace(tokenizer=_tokenizer, embed_dim=DIM), None, "probe")

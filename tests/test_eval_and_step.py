@@ -6,7 +6,7 @@ import torch
 
 from cliplab.config import ModelConfig, ObjectiveConfig, OptimConfig
 from cliplab.distributed import DistContext
-from cliplab.eval import evaluate_embeddings, retrieval_metrics, zero_shot_accuracy
+from cliplab.eval import evaluate_embeddings, retrieval_metrics, zero_shot_report
 from cliplab.models import DualEncoder, build_model
 from cliplab.objectives import build_objective
 from cliplab.train.step import build_optimizer, cosine_with_warmup, param_groups, train_step
@@ -36,8 +36,8 @@ def test_retrieval_matches_brute_force_in_any_chunking(chunk):
 def test_zero_shot_accuracy_counts_and_mean_per_class():
     class_emb = torch.eye(3)
     image_emb = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]])
-    labels = ["a", "b", "c", "c"]  # the third image is wrong
-    out = zero_shot_accuracy(image_emb, labels, class_emb, ["a", "b", "c"], lambda x, y: x @ y.T)
+    targets = torch.tensor([0, 1, 2, 2])  # classes a, b, c, c: the third image is wrong
+    out = zero_shot_report(image_emb, targets, class_emb, lambda x, y: x @ y.T)
     assert out["top1"] == pytest.approx(3 / 4)
     assert out["mean_per_class"] == pytest.approx((1 + 1 + 0.5) / 3)
 

@@ -20,10 +20,10 @@ RETRIEVAL_KEYS = {f"{d}_R{k}" for d in ("image_to_text", "text_to_image") for k 
 
 
 def save_tiny_checkpoint(path: Path, objective: str = "meru") -> Path:
+    from cliplab.checkpoint import save_checkpoint
     from cliplab.config import ExperimentConfig, with_overrides
     from cliplab.models import DualEncoder, build_model
     from cliplab.objectives import build_objective
-    from cliplab.train.checkpoint import save_checkpoint
 
     cfg = with_overrides(ExperimentConfig(), {"model.name": "cliplab-tiny", "objective.name": objective})
     torch.manual_seed(0)

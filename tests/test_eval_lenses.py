@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from cliplab.config import ObjectiveConfig
+from cliplab.data.templates import OPENAI_IMAGENET, SIMPLE
 from cliplab.eval import lenses
 from cliplab.eval.metrics import retrieval_metrics, zero_shot_report
 from cliplab.eval.scoring import class_embeddings, evaluate_classification, evaluate_pairs
-from cliplab.eval.templates import OPENAI_IMAGENET, SIMPLE
 from cliplab.objectives import build_objective
 from cliplab.objectives import lorentz as L
 

@@ -11,9 +11,9 @@ from pyarrow import fs
 from cliplab.cli.main import main
 from cliplab.data.evalsets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
 from cliplab.data.shards import deterministic_split
+from cliplab.data.templates import EMOJI, FASHION, OPENAI_IMAGENET
 from cliplab.errors import DataError
-from cliplab.eval.runner import iter_shard, open_eval_set
-from cliplab.eval.templates import EMOJI, FASHION, OPENAI_IMAGENET
+from cliplab.eval.sets import iter_shard, open_eval_set
 
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
                                   reason="Debian's dataset-fashion-mnist is not installed (make setup)")

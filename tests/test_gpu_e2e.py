@@ -60,7 +60,7 @@ def corpus(tmp_path_factory) -> Path:
 def local_ray():
     import ray
 
-    from cliplab.train.launch import init_ray
+    from cliplab.ray_connect import init_ray
 
     init_ray(None)
     yield
@@ -78,7 +78,7 @@ def _cfg(tmp_path: Path, corpus: Path, **overrides):
 
 
 def test_cliplab_train_with_a_val_set_on_one_gpu_worker(tmp_path, corpus, local_ray):
-    from cliplab.train.checkpoint import load_config
+    from cliplab.checkpoint import load_config
     from cliplab.train.launch import run_training
 
     result = run_training(_cfg(tmp_path, corpus), name="gpu-train")

@@ -53,9 +53,9 @@ def _error_line(proc) -> str:
 @pytest.mark.slow
 def test_resume_on_changed_shards_is_refused_unless_allowed(tmp_path, s3_server, mlflow_server, ray_cluster,
                                                            emoji_corpus):
+    from cliplab.checkpoint import latest_checkpoint, load_trainer_state
     from cliplab.errors import TrainingError
     from cliplab.train import launch
-    from cliplab.train.checkpoint import latest_checkpoint, load_trainer_state
 
     shards = tmp_path / "shards"
     shutil.copytree(emoji_corpus[0] / "train", shards)

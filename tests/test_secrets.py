@@ -44,7 +44,7 @@ def _scan_folder(folder: Path, secrets) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------- cliplab submit
 
 def test_submit_keeps_secret_values_out_of_the_job(monkeypatch):
-    from cliplab.submit import build_job
+    from cliplab.jobspec import build_job
 
     for k, v in SHELL_SECRETS.items():
         monkeypatch.setenv(k, v)
@@ -68,7 +68,7 @@ def test_submit_keeps_secret_values_out_of_the_job(monkeypatch):
 @pytest.mark.parametrize("how", ["env", "set", "runtime-env-file"])
 def test_a_secret_given_explicitly_is_refused_without_the_flag(how, monkeypatch, tmp_path):
     from cliplab.errors import ConfigError
-    from cliplab.submit import build_job
+    from cliplab.jobspec import build_job
 
     for k, v in SHELL_SECRETS.items():
         monkeypatch.setenv(k, v)
@@ -106,9 +106,9 @@ def _download_model(model_uri: str, dest: Path, tracking_uri: str) -> Path:
 def _tiny_checkpoint(path: Path, cfg):
     import torch
 
+    from cliplab.checkpoint import save_checkpoint
     from cliplab.models import DualEncoder, build_model
     from cliplab.objectives import build_objective
-    from cliplab.train.checkpoint import save_checkpoint
     from cliplab.train.step import build_optimizer, cosine_with_warmup
 
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def _secret_config(uri: str):
 
 
 def test_checkpoint_config_json_is_redacted_and_resume_asks_for_the_secret(monkeypatch, tmp_path):
-    from cliplab.train.checkpoint import load_config
+    from cliplab.checkpoint import load_config
 
     for k, v in SHELL_SECRETS.items():
         monkeypatch.setenv(k, v)
@@ -191,9 +191,9 @@ def test_a_submitted_job_leaves_no_secret_in_ray_checkpoints_models_or_logs(tmp_
     from mlflow import MlflowClient
     from ray.job_submission import JobSubmissionClient
 
+    from cliplab.checkpoint import latest_checkpoint
     from cliplab.submit import _headers
     from cliplab.tracking.registry import register_checkpoint
-    from cliplab.train.checkpoint import latest_checkpoint
 
     experiment = f"secrets-{uuid.uuid4().hex[:8]}"
     job_id = f"cliplab-secrets-{uuid.uuid4().hex[:8]}"

@@ -188,10 +188,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
 
 
 def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
+    from cliplab.checkpoint import save_checkpoint
     from cliplab.config import ExperimentConfig, with_overrides
     from cliplab.models import DualEncoder, build_model
     from cliplab.objectives import build_objective
-    from cliplab.train.checkpoint import save_checkpoint
     from cliplab.train.step import build_optimizer, cosine_with_warmup
     from cliplab.tune import Sweep
     from cliplab.tune.promote import better, register_and_promote

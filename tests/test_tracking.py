@@ -33,7 +33,7 @@ PLANTED = {
 # ---------------------------------------------------------------------------------- redaction
 
 def test_redactor_masks_env_secrets_uri_passwords_and_secret_keys():
-    from cliplab.tracking.secrets import Redactor, is_secret_name, secret_values
+    from cliplab.redaction import Redactor, is_secret_name, secret_values
 
     env = {**PLANTED, "TOKENIZERS_PARALLELISM": "false", "HOME": "/home/u", "AWS_ACCESS_KEY_ID": "AKIAPLANTED1"}
     secrets = secret_values(env)
@@ -234,10 +234,10 @@ def test_no_planted_secret_reaches_mlflow_from_the_tracker(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------- the model
 
 def _checkpoint(tmp_path: Path, objective: str = "meru") -> Path:
+    from cliplab.checkpoint import save_checkpoint
     from cliplab.config import ExperimentConfig, ModelConfig, ObjectiveConfig
     from cliplab.models import DualEncoder, build_model
     from cliplab.objectives import build_objective
-    from cliplab.train.checkpoint import save_checkpoint
     from cliplab.train.step import build_optimizer, cosine_with_warmup
 
     torch.manual_seed(0)
@@ -259,9 +259,9 @@ def _png(color) -> bytes:
 
 def _reference_embeddings(ckpt: Path, images: list[bytes], texts: list[str]):
     """Embeddings straight from the checkpoint, without MLflow."""
+    from cliplab.checkpoint import load_config, load_weights
     from cliplab.models import DualEncoder, build_model
     from cliplab.objectives import build_objective
-    from cliplab.train.checkpoint import load_config, load_weights
 
     cfg = load_config(ckpt)
     bundle = build_model(cfg.model)

@@ -16,7 +16,7 @@ def test_two_worker_run_writes_checkpoints_and_mlflow_metrics(tmp_path, s3_serve
     """Also the tracking contract of a real run: params (config, git SHA, versions), tags, system
     metrics, the resolved config, eval report and curves as artifacts, one run for two workers;
     the S3 keys and a password in the tracking URI never reach MLflow."""
-    from cliplab.train.checkpoint import load_config, load_trainer_state
+    from cliplab.checkpoint import load_config, load_trainer_state
     from cliplab.train.launch import run_training
     from test_tracking import _everything_logged
 
@@ -38,7 +38,7 @@ def test_two_worker_run_writes_checkpoints_and_mlflow_metrics(tmp_path, s3_serve
     assert load_trainer_state(final)["step"] == 4
     # the saved config is the run's, with the tracking URI's password masked (the MLflow redactor)
     from cliplab.config import with_overrides
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     assert load_config(final) == with_overrides(cfg, {"tracking.uri": Redactor().text(uri_with_pw)})
     assert "planted-uri-pw-93" not in (final / "config.json").read_text()

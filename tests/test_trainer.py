@@ -208,7 +208,7 @@ def test_a_checkpoint_killed_mid_write_is_never_loaded_and_the_previous_one_is(t
         from cliplab.config import ExperimentConfig
         from cliplab.models import DualEncoder, build_model
         from cliplab.objectives import build_objective
-        from cliplab.train import checkpoint as ckpt
+        from cliplab import checkpoint as ckpt
         from cliplab.train.step import build_optimizer, cosine_with_warmup
         cfg = ExperimentConfig()
         b = build_model(cfg.model)
@@ -227,7 +227,7 @@ def test_a_checkpoint_killed_mid_write_is_never_loaded_and_the_previous_one_is(t
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    from cliplab.train import checkpoint as ckpt
+    from cliplab import checkpoint as ckpt
 
     run = tmp_path / "run"
     torn = run / "checkpoint_000001"

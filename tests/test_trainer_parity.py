@@ -11,11 +11,11 @@ import pytest
 import torch
 from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
 
+from cliplab import checkpoint as ckpt
 from cliplab.config import ExperimentConfig, ModelConfig, ObjectiveConfig, OptimConfig, validate, with_overrides
 from cliplab.distributed import DistContext
 from cliplab.errors import ConfigError
 from cliplab.models import _register_bundled_configs, build_dual_encoder
-from cliplab.train import checkpoint as ckpt
 from cliplab.train.schedule import build_scheduler, restore_scheduler
 from cliplab.train.step import (
     NonFiniteGuard,

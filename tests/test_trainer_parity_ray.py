@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.mlflow, pytest.mark.s
 
 def test_fp16_a_locked_image_tower_and_a_const_run_resumed_into_a_cooldown(tmp_path, s3_server, mlflow_server,
                                                                           ray_cluster):
+    from cliplab.checkpoint import load_trainer_state
     from cliplab.config import with_overrides
-    from cliplab.train.checkpoint import load_trainer_state
     from cliplab.train.launch import run_training
 
     cfg = experiment(tmp_path, s3_server, mlflow_server, **{

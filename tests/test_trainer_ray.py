@@ -122,7 +122,7 @@ def _recorded_batches(path: Path, size: int) -> tuple[dict, list]:
 
 
 def test_cliplab_train_resume_continues_a_stopped_run(tmp_path, s3_server, mlflow_server, ray_cluster):
-    from cliplab.train.checkpoint import latest_checkpoint, load_trainer_state
+    from cliplab.checkpoint import latest_checkpoint, load_trainer_state
     from cliplab.train.launch import run_training
 
     cfg = experiment(tmp_path, s3_server, mlflow_server, **{"train.max_steps": 3, "train.checkpoint_every": 100,
@@ -153,9 +153,9 @@ def test_checkpoints_on_s3_keep_top_k_resume_and_register(tmp_path, s3_server, m
     import pandas as pd
     import torch
 
-    from cliplab.eval.runner import load_model
+    from cliplab.checkpoint import MARKER, fetch_checkpoint, latest_in_storage, load_trainer_state
+    from cliplab.eval.loading import load_model
     from cliplab.tracking.registry import register_checkpoint
-    from cliplab.train.checkpoint import MARKER, fetch_checkpoint, latest_in_storage, load_trainer_state
     from cliplab.train.launch import run_training
 
     cfg = experiment(tmp_path, s3_server, mlflow_server, storage_path="s3://cliplab/runs",
@@ -204,8 +204,8 @@ def test_a_checkpoint_upload_cut_off_fails_the_run_instead_of_losing_the_checkpo
                                                                                     ray_cluster):
     """Ray's default checkpoint upload (pyarrow's copy_files) only logs a failed S3 part upload,
     so the run 'succeeded' without its checkpoint. With the trainer's upload, the worker fails."""
+    from cliplab.checkpoint import latest_in_storage
     from cliplab.errors import TrainingError
-    from cliplab.train.checkpoint import latest_in_storage
     from cliplab.train.launch import run_training
 
     with CuttingProxy(s3_server.port, rb"PUT /cliplab/runs/cut-off/checkpoint_[^/ ]+/model\.pt") as proxy:

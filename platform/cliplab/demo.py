@@ -32,24 +32,16 @@ def _quick(sweep):
 
 def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool = False,
              extra_overrides: list[str] | None = None) -> dict:
-    from cliplab.cli.sweep_cmd import print_outcome
-    from cliplab.data.captions import EMBED_DIR, embed_captions
-    from cliplab.data.emoji import build_emoji_corpus
-    from cliplab.data.sources import resolve_shards, upload
+    """The six steps: corpus, services, caption embeddings and upload, the sweep, its results,
+    the eval of every objective's final model. Returns the sweep and its outcome."""
     from cliplab.services import MlflowService, RayService, S3Service
-    from cliplab.train.launch import init_ray
-    from cliplab.tune import load_sweep, run_sweep
+    from cliplab.tune import load_sweep
 
     workdir = workdir.resolve()
     if not sweep_file.is_file():
         raise ConfigError(f"sweep file not found: {sweep_file} (run the demo from the repository root)")
     t0 = time.perf_counter()
-    corpus = workdir / "data" / "emoji"
-    if (corpus / "stats.json").is_file():
-        print(f"[1/6] emoji corpus: reusing {corpus}")
-    else:
-        print(f"[1/6] emoji corpus: rendering into {corpus}")
-        build_emoji_corpus(corpus)
+    corpus = _emoji_corpus(workdir / "data" / "emoji")
 
     print("[2/6] services: starting S3 (SeaweedFS), MLflow and Ray on 127.0.0.1")
     with S3Service(workdir / "services" / "s3", buckets=(BUCKET,)) as s3:
@@ -58,49 +50,19 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
                 RayService(workdir / "services" / "ray") as ray_svc:
             os.environ.update(ray_svc.env())
             print(f"      S3 {s3.endpoint} | MLflow {mlflow_svc.uri} | Ray dashboard {ray_svc.dashboard_url}")
-            captions = corpus / "train" / EMBED_DIR
-            if any(captions.glob("*.parquet")) and \
-                    captions.stat().st_mtime >= (corpus / "stats.json").stat().st_mtime:
-                print(f"[3/6] caption embeddings (X-CLR): reusing {captions}")
-            else:
-                init_ray(ray_svc.address)
-                _, rows = embed_captions(resolve_shards(str(corpus / "train"), S3Config()), str(captions))
-                print(f"[3/6] caption embeddings (X-CLR): {rows} train captions -> {captions}")
-            n = upload(corpus, f"s3://{BUCKET}/emoji", S3Config(endpoint_url=s3.endpoint))
-            print(f"      uploaded {n} files to s3://{BUCKET}/emoji/")
-            overrides = [
-                f"data.train=s3://{BUCKET}/emoji/train/",
-                f"data.val=s3://{BUCKET}/emoji/val/",
-                f"data.caption_embeddings=s3://{BUCKET}/emoji/train/{EMBED_DIR}",
-                f"data.s3.endpoint_url={s3.endpoint}",
-                f"tracking.uri={mlflow_svc.uri}",
-                f"storage_path={workdir / 'runs'}",
-                *(extra_overrides or []),
-            ]
-            sweep = load_sweep(sweep_file, overrides)
+            _caption_embeddings(corpus, ray_svc.address)
+            sweep = load_sweep(sweep_file, [*_stage_on_s3(corpus, s3.endpoint), f"tracking.uri={mlflow_svc.uri}",
+                                            f"storage_path={workdir / 'runs'}", *(extra_overrides or [])])
             if quick:
                 sweep = _quick(sweep)
             print(f"[4/6] sweep {sweep_file}: {sweep.num_trials} trials on Ray Tune")
             try:
-                outcome = run_sweep(sweep, address=ray_svc.address)
-                print("[5/6] results\n")
-                print_outcome(sweep, outcome)
-                print("\n[6/6] eval of every objective's final model (`cliplab eval`'s code): zero-shot on "
-                      "Fashion-MNIST and emoji groups, val retrieval, MERU's entailment\n")
-                sets = eval_sets(workdir, fmnist_limit=500 if quick else 2000)
-                # --quick evaluates the champion only, in process; the full demo every objective, on Ray
-                rows = [outcome.best] if quick and outcome.best else outcome.rows
-                print_eval_table(evaluate_trials(rows, sets, workdir / "eval", use_ray=not quick))
+                outcome = _sweep_and_eval(sweep, workdir, ray_svc.address, quick=quick)
                 print(f"\nMLflow UI:     {mlflow_svc.uri}  (experiment '{sweep.base.tracking.experiment}')")
                 print(f"Ray dashboard: {ray_svc.dashboard_url}")
                 print(f"finished in {time.perf_counter() - t0:.0f} s")
                 if keep:
-                    print("services stay up; press Ctrl-C to stop them")
-                    try:
-                        while True:
-                            time.sleep(3600)
-                    except KeyboardInterrupt:
-                        pass
+                    _wait_for_ctrl_c()
             finally:
                 import ray
 
@@ -109,6 +71,72 @@ def run_demo(workdir: Path, sweep_file: Path, *, quick: bool = False, keep: bool
           f"`cliplab services mlflow --dir {workdir / 'services' / 'mlflow'}`")
     return {"outcome": outcome, "sweep": sweep}
 
+
+def _emoji_corpus(corpus: Path) -> Path:
+    """Step 1: the emoji corpus's shards in ``corpus``, rendered unless they are there already."""
+    from cliplab.data.emoji import build_emoji_corpus
+
+    if (corpus / "stats.json").is_file():
+        print(f"[1/6] emoji corpus: reusing {corpus}")
+    else:
+        print(f"[1/6] emoji corpus: rendering into {corpus}")
+        build_emoji_corpus(corpus)
+    return corpus
+
+
+def _caption_embeddings(corpus: Path, ray_address: str) -> None:
+    """Step 3: X-CLR's caption embeddings of the train split (a Ray Data job), unless the ones
+    there are newer than the corpus."""
+    from cliplab.data.captions import EMBED_DIR, embed_captions
+    from cliplab.data.sources import resolve_shards
+    from cliplab.ray_connect import init_ray
+
+    captions = corpus / "train" / EMBED_DIR
+    if any(captions.glob("*.parquet")) and captions.stat().st_mtime >= (corpus / "stats.json").stat().st_mtime:
+        print(f"[3/6] caption embeddings (X-CLR): reusing {captions}")
+        return
+    init_ray(ray_address)
+    _, rows = embed_captions(resolve_shards(str(corpus / "train"), S3Config()), str(captions))
+    print(f"[3/6] caption embeddings (X-CLR): {rows} train captions -> {captions}")
+
+
+def _stage_on_s3(corpus: Path, endpoint: str) -> list[str]:
+    """The corpus (caption embeddings included) uploaded to the demo bucket; the ``--set``
+    overrides that point the sweep's data at it."""
+    from cliplab.data.captions import EMBED_DIR
+    from cliplab.data.sources import upload
+
+    n = upload(corpus, f"s3://{BUCKET}/emoji", S3Config(endpoint_url=endpoint))
+    print(f"      uploaded {n} files to s3://{BUCKET}/emoji/")
+    return [f"data.train=s3://{BUCKET}/emoji/train/", f"data.val=s3://{BUCKET}/emoji/val/",
+            f"data.caption_embeddings=s3://{BUCKET}/emoji/train/{EMBED_DIR}", f"data.s3.endpoint_url={endpoint}"]
+
+
+def _sweep_and_eval(sweep, workdir: Path, ray_address: str, *, quick: bool):
+    """Steps 4 to 6: the sweep on Ray Tune, its results table, then every objective's final model
+    through ``cliplab eval``'s code (``--quick``: the champion only, in process). Returns the
+    sweep's outcome."""
+    from cliplab.tune import run_sweep
+    from cliplab.tune.report import outcome_text
+
+    outcome = run_sweep(sweep, address=ray_address)
+    print("[5/6] results\n")
+    print(outcome_text(sweep, outcome))
+    print("\n[6/6] eval of every objective's final model (`cliplab eval`'s code): zero-shot on "
+          "Fashion-MNIST and emoji groups, val retrieval, MERU's entailment\n")
+    sets = eval_sets(workdir, fmnist_limit=500 if quick else 2000)
+    rows = [outcome.best] if quick and outcome.best else outcome.rows
+    print_eval_table(evaluate_trials(rows, sets, workdir / "eval", use_ray=not quick))
+    return outcome
+
+
+def _wait_for_ctrl_c() -> None:
+    print("services stay up; press Ctrl-C to stop them")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def eval_sets(workdir: Path, *, fmnist_limit: int = 2000) -> list[str]:

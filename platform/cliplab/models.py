@@ -8,8 +8,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,10 +21,10 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 @dataclass
 class ModelBundle:
-    """The model plus the pieces the data pipeline and eval need."""
+    """The model plus what eval and serving feed it: the val transform and the tokenizer
+    (:func:`preprocessing`'s)."""
 
     model: nn.Module
-    train_transform: Callable
     val_transform: Callable
     tokenizer: Callable
     context_length: int
@@ -36,6 +36,31 @@ def _register_bundled_configs() -> None:
 
     if "cliplab-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
+
+
+def architecture_config(name: str) -> dict:
+    """open_clip's config of architecture ``name`` (cliplab's bundled JSON configs included); a
+    :class:`ConfigError` when open_clip has no such architecture."""
+    import open_clip
+
+    _register_bundled_configs()
+    if name not in open_clip.list_models():
+        raise ConfigError(f"model.name '{name}' is not an open_clip architecture; "
+                          f"see open_clip.list_models() or add a JSON config to {CONFIG_DIR}")
+    return open_clip.get_model_config(name)
+
+
+@lru_cache(maxsize=8)
+def preprocessing(name: str, train: bool = False) -> tuple[Callable, Callable]:
+    """open_clip's image transform for architecture ``name`` (its training augmentation with
+    ``train``, else the val transform) and its tokenizer, built once per process. The one place
+    they are built: the model bundle, the training stream and the val pipeline all take them from
+    here. The same transforms as ``open_clip.create_model_and_transforms`` gives for a registered
+    architecture (open_clip's default preprocessing at the vision tower's image size)."""
+    import open_clip
+
+    size = architecture_config(name)["vision_cfg"]["image_size"]
+    return open_clip.image_transform(size, is_train=train), open_clip.get_tokenizer(name)
 
 
 class PatchEmbedding(nn.Conv2d):
@@ -80,26 +105,20 @@ def build_model(cfg) -> ModelBundle:
     """
     import open_clip
 
-    _register_bundled_configs()
-    if cfg.name not in open_clip.list_models():
-        raise ConfigError(f"model.name '{cfg.name}' is not an open_clip architecture; "
-                          f"see open_clip.list_models() or add a JSON config to {CONFIG_DIR}")
+    arch = architecture_config(cfg.name)
     if cfg.pretrained and not Path(cfg.pretrained).is_file():
         raise ConfigError(f"model.pretrained '{cfg.pretrained}' is not a local file")
     extra = {}
-    if cfg.pretrained and "init_logit_bias" not in open_clip.get_model_config(cfg.name) and _has_logit_bias(cfg.pretrained):
+    if cfg.pretrained and "init_logit_bias" not in arch and _has_logit_bias(cfg.pretrained):
         extra["init_logit_bias"] = 0.0  # a SigLIP export of a CLIP architecture: room for its logit_bias
-    model, train_tf, val_tf = open_clip.create_model_and_transforms(
-        cfg.name, pretrained=cfg.pretrained, output_dict=True, **extra
-    )
+    model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **extra)
     use_gemm_patch_embedding(model)
     for name in ("logit_scale", "logit_bias"):
         param = getattr(model, name, None)
         if isinstance(param, nn.Parameter):
             param.requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(cfg.name)
-    embed_dim = open_clip.get_model_config(cfg.name)["embed_dim"]
-    return ModelBundle(model, train_tf, val_tf, tokenizer, tokenizer.context_length, embed_dim)
+    val_transform, tokenizer = preprocessing(cfg.name)
+    return ModelBundle(model, val_transform, tokenizer, tokenizer.context_length, arch["embed_dim"])
 
 
 def _has_logit_bias(path: str) -> bool:
@@ -251,6 +270,3 @@ class DualEncoder(nn.Module):
         compiling ``self.model`` alone would never run the compiled code.
         """
         self.compile(backend=backend, mode=mode)
-
-    def state_for_export(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "objective": self.objective.state_dict()}

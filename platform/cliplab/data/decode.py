@@ -1,7 +1,7 @@
 """The one sample decoder: tar members → samples, or a skip reason.
 
 Training (:mod:`cliplab.data.index` and :mod:`cliplab.data.stream`), val
-(:mod:`cliplab.data.pipeline`), ``cliplab eval`` (:mod:`cliplab.eval.runner`) and ``cliplab data
+(:mod:`cliplab.data.pipeline`), ``cliplab eval`` (:mod:`cliplab.eval.sets`) and ``cliplab data
 inspect`` all read shards through here, so they share one key rule (:func:`split_name`), one
 :data:`IMAGE_EXTS`, one set of skip reasons and one size guard:
 

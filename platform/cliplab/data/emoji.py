@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cliplab.data.shards import Sample, deterministic_split, write_splits
+from cliplab.data.templates import EMOJI
 from cliplab.errors import DataError
 
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -249,13 +250,12 @@ def build_emoji_eval_set(out_dir: str | Path, *, image_px: int | None = 128, spl
     """A zero-shot classification set of emoji (:mod:`cliplab.data.evalsets` layout): the class
     of an emoji is its Unicode group (``smileys & emotion``, ``food & drink``, …; classnames in
     Unicode order), the images are rendered as in :func:`build_emoji_corpus`, and the prompts are
-    :data:`cliplab.eval.templates.EMOJI`. ``split``/``val_fraction``/``seed`` pick the emoji
+    :data:`cliplab.data.templates.EMOJI`. ``split``/``val_fraction``/``seed`` pick the emoji
     (default: the corpus's val split); ``limit`` keeps that many, spread over the groups.
     ``{key}.json`` holds name, group and subgroup. Returns the stats."""
     from tqdm import tqdm
 
     from cliplab.data.evalsets import ClassSample, write_classification_set
-    from cliplab.eval.templates import EMOJI
 
     if not Path(font_path).is_file():
         raise DataError(f"{font_path} not found: install Debian's fonts-noto-color-emoji "

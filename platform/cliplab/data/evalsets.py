@@ -7,7 +7,7 @@
     OUT/stats.json             counts per class, shards, source
 
 CLIP_benchmark keeps the tars in a ``test/`` folder beside ``classnames.txt`` and calls the
-templates ``zeroshot_classification_templates.txt``; :func:`cliplab.eval.runner.open_eval_set` accepts
+templates ``zeroshot_classification_templates.txt``; :func:`cliplab.eval.sets.open_eval_set` accepts
 both. Builders here: :func:`build_fashion_mnist` (Debian's ``dataset-fashion-mnist``); the emoji
 group set is :func:`cliplab.data.emoji.build_emoji_eval_set`.
 """
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cliplab.data.templates import FASHION, check_templates
 from cliplab.errors import DataError
 
 CLASSNAMES = "classnames.txt"
@@ -57,8 +58,6 @@ def write_classification_set(samples: Iterable[ClassSample], out_dir: str | Path
     """Write ``samples`` into ``out_dir/test-{000000..}.tar`` with ``classnames.txt``,
     ``templates.txt`` and ``stats.json`` beside them; returns the stats. Shards of an earlier
     build are removed first; tar members get a fixed mtime and mode (reproducible bytes)."""
-    from cliplab.eval.templates import check_templates
-
     out = Path(out_dir)
     if samples_per_shard < 1:
         raise DataError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
@@ -145,10 +144,8 @@ def build_fashion_mnist(out_dir: str | Path, *, source: str | Path = FASHION_MNI
     the ``split`` ("test": 10,000 images, or "train": 60,000) as grayscale PNGs, 28 px or
     upscaled to ``image_px``, keys ``fmnist-{split}-{index:05d}``; ``limit`` keeps the first
     images (the test split is already shuffled). Classnames in Zalando's label order and the
-    :data:`cliplab.eval.templates.FASHION` prompts are written beside the shards."""
+    :data:`cliplab.data.templates.FASHION` prompts are written beside the shards."""
     from tqdm import tqdm
-
-    from cliplab.eval.templates import FASHION
 
     prefix = {"test": "t10k", "train": "train"}.get(split)
     if prefix is None:

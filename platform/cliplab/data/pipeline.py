@@ -4,8 +4,9 @@ Samples are decoded by :mod:`cliplab.data.decode`, as in training and ``cliplab 
 same key rule, member caps and skip reasons. A bad sample or a bad shard becomes a flagged row
 (``skip``), never a failed task, so the eval goes on without it and the worker counts it as
 ``val/skipped/<reason>`` (:func:`good_rows`). Rows carry ``image`` (float32, C×H×W, open_clip's
-val transform), ``caption`` and ``label`` (the JSON's ``data.label_key``), read with
-``iter_batches(batch_format="numpy")``. (Training reads through :mod:`cliplab.data.stream`.)
+val transform from :func:`cliplab.models.preprocessing`), ``caption`` and ``label`` (the JSON's
+``data.label_key``), read with ``iter_batches(batch_format="numpy")``. Training reads through
+:mod:`cliplab.data.stream`; nothing here is on its path.
 """
 
 from __future__ import annotations
@@ -13,58 +14,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
-from cliplab.data.decode import (
-    IMAGE_EXTS,  # noqa: F401 - the one list, re-exported
-    MAX_IMAGE_PIXELS,  # noqa: F401 - re-exported
-    Limits,
-    ShardFault,
-    Skip,
-    decode_sample,
-    load_rgb,  # noqa: F401 - re-exported
-    shard_groups,
-)
+from cliplab.data.decode import Limits, ShardFault, Skip, decode_sample, shard_groups
 from cliplab.data.sources import ShardSet
+from cliplab.models import preprocessing
 
 log = logging.getLogger(__name__)
 
 OUT_ROWS = 64  # rows per emitted block
-
-
-@lru_cache(maxsize=4)
-def _transforms(model_name: str, train: bool):
-    """open_clip's transform and tokenizer for ``model_name``, built once per worker process."""
-    import open_clip
-
-    from cliplab.models import _register_bundled_configs
-
-    _register_bundled_configs()
-    cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model '{model_name}'")
-    size = cfg["vision_cfg"]["image_size"]
-    transform = open_clip.image_transform(size, is_train=train)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return transform, tokenizer
-
-
-_TABLES: dict[Any, dict] = {}
-
-
-def _caption_table(ref) -> dict | None:
-    """The broadcast ``key → caption embedding`` table, fetched once per worker process (a table
-    given as is, without Ray, is used as it is)."""
-    if ref is None or isinstance(ref, dict):
-        return ref
-    if ref not in _TABLES:
-        import ray
-
-        _TABLES[ref] = ray.get(ref)
-    return _TABLES[ref]
 
 
 def read_val_shard(batch: dict[str, np.ndarray], *, filesystem, prefix: str, model_name: str,
@@ -72,7 +31,7 @@ def read_val_shard(batch: dict[str, np.ndarray], *, filesystem, prefix: str, mod
     """Ray Data task: every sample of one val shard through :func:`~cliplab.data.decode.decode_sample`,
     as rows ``key, image`` (float32 C×H×W, the val transform), ``caption, label, skip``. An
     unusable sample, or a shard that cannot be read on, is a row whose ``skip`` names the reason."""
-    transform, _ = _transforms(model_name, False)
+    transform, _ = preprocessing(model_name)
     for path in batch["path"]:
         rows: list[tuple] = []
         for row in _val_rows(filesystem, str(path), prefix + str(path), transform, label_key, limits):

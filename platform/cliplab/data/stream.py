@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from cliplab.data.captions import caption_table
 from cliplab.data.decode import Limits, ShardFault, Skip, check_group, decode_sample, parse_sample
 from cliplab.data.index import REASONS, TrainIndex, read_ranges
-from cliplab.data.pipeline import _caption_table, _transforms
 from cliplab.data.plan import RankPlan, rank_plan, read_spec
-from cliplab.errors import DataError
+from cliplab.errors import ConfigError, DataError
+from cliplab.models import preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,10 @@ RECORD_ENV = "CLIPLAB_RECORD_KEYS"  # or data.record_keys: a folder where each r
 def _split_transform(model_name: str):
     """open_clip's train transform without ToTensor/Normalize (→ uint8 HWC, see :class:`SeededAugment`),
     its mean/std, image side and tokenizer."""
-    transform, tokenizer = _transforms(model_name, True)
+    try:
+        transform, tokenizer = preprocessing(model_name, train=True)
+    except ConfigError as err:  # a read task's model name, checked by config.validate long before
+        raise ValueError(f"unknown open_clip model '{model_name}'") from err
     steps = list(transform.transforms)
     normalize = steps[-1]
     if not type(normalize).__name__.endswith("Normalize") or not type(steps[-2]).__name__.endswith("ToTensor"):
@@ -134,7 +138,7 @@ def read_decode(batch: dict[str, np.ndarray], *, model_name: str, s3: str, views
     samples come out as rows with ``skip > 0`` and zeros. ``spec["aug"]`` (``[seed, epoch]``) seeds
     each sample's augmentation."""
     pre, _mean, _std, side, tokenizer = _split_transform(model_name)
-    table = _caption_table(captions_ref)
+    table = caption_table(captions_ref)
     for spec_json in batch["spec"]:
         spec = json.loads(spec_json) if isinstance(spec_json, str) else spec_json
         blobs: dict[tuple[int, int, int], bytes | None] = {}

@@ -1,12 +1,9 @@
-"""Retrieval recall@k and zero-shot accuracy, scored by the objective's own similarity.
-
-:func:`evaluate_embeddings` is what the trainer calls on its val split; it delegates to
-:func:`cliplab.eval.scoring.evaluate_pairs`, the same code ``cliplab eval`` runs.
-"""
+"""Retrieval recall@k and zero-shot top-k accuracy of embeddings under a given similarity: the
+counting that :mod:`cliplab.eval.scoring` builds on. Pure torch, no objective, no model."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,63 +49,3 @@ def zero_shot_report(image_emb: torch.Tensor, targets: torch.Tensor, class_emb: 
         per_class = [float(top1[targets == c].mean()) for c in range(n_classes) if (targets == c).any()]
         out["mean_per_class"] = float(np.mean(per_class))
     return out
-
-
-def zero_shot_accuracy(image_emb: torch.Tensor, labels: Sequence[str], class_emb: torch.Tensor,
-                       classnames: Sequence[str], similarity: Callable) -> dict[str, float]:
-    """Top-1, top-5 and mean per-class accuracy of ``argmax similarity(image, class prompts)``,
-    for string ``labels`` naming rows of ``classnames``."""
-    index = {c: i for i, c in enumerate(classnames)}
-    target = torch.tensor([index[label] for label in labels])
-    return zero_shot_report(image_emb, target, class_emb, similarity)
-
-
-@torch.no_grad()
-def evaluate_embeddings(
-    encode_images: Callable[[torch.Tensor], torch.Tensor],
-    encode_texts: Callable[[list[str]], torch.Tensor],
-    objective,
-    batches: Iterable[dict],
-    templates: Sequence[str],
-    *,
-    lenses: bool = True,
-) -> dict[str, float]:
-    """Run retrieval (+ zero-shot when batches carry non-empty ``label``) over val batches.
-
-    ``encode_*`` return raw features; ``objective.embed`` maps them into its geometry. The
-    scoring is :func:`cliplab.eval.scoring.evaluate_pairs` (shared with ``cliplab eval``).
-    Returns keys ``val/image_to_text_R1``, ``…_R5``, ``…_R10``, ``val/text_to_image_R*``,
-    ``val/num_samples``, ``val/retrieval_chance_R1``; with labels ``val/zeroshot_top1``,
-    ``val/zeroshot_top5``, ``val/zeroshot_mean_per_class``, ``val/zeroshot_num_classes``; and the
-    lenses as ``val/lens/…`` (see :func:`cliplab.eval.lenses.lens_report`).
-    """
-    from cliplab.eval.scoring import evaluate_pairs
-
-    images, texts, labels = [], [], []
-    for batch in batches:
-        images.append(objective.embed(encode_images(torch.as_tensor(batch["image"])), "image"))
-        texts.append(objective.embed(encode_texts(list(batch["caption"])), "text"))
-        labels.extend(str(x) for x in batch["label"])
-    if not images:
-        return {}
-    image_emb, text_emb = torch.cat(images), torch.cat(texts)
-    classnames = sorted({label for label in labels if label})
-    zero_shot = len(classnames) >= 2 and all(labels)
-    out = evaluate_pairs(objective, image_emb, text_emb, lenses=lenses,
-                         labels=labels if zero_shot else None, classnames=classnames if zero_shot else None,
-                         encode_texts=encode_texts, templates=templates)
-    return {f"val/{k}": v for k, v in out.items()}
-
-
-def evaluate_module(module, tokenizer: Callable, batches: Iterable[dict], templates: Sequence[str], *,
-                    lenses: bool = True) -> dict[str, float]:
-    """:func:`evaluate_embeddings` of a :class:`cliplab.models.DualEncoder` (unwrapped from DDP)
-    in eval mode: every batch and prompt moves to the module's device before it meets an encoder
-    (DDP's own input move never runs here), and the scoring happens on that device."""
-    from cliplab.models import encode_images, encode_texts
-
-    module.eval()
-    return evaluate_embeddings(lambda images: encode_images(module.model, images),
-                               lambda texts: encode_texts(module.model, tokenizer, texts),
-                               module.objective, batches, templates, lenses=lenses)
-

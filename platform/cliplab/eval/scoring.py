@@ -1,5 +1,8 @@
 """Scoring written once against the objective interface, for the trainer and ``cliplab eval``.
 
+:func:`evaluate_embeddings` (:func:`evaluate_module` for a model) is what the trainer runs on its
+val split; it delegates to :func:`evaluate_pairs`, the code ``cliplab eval`` runs.
+
 Everything here takes embeddings already in the objective's geometry (``objective.embed``),
 scores with ``objective.similarity`` and ensembles prompts with ``objective.ensemble``, so
 every objective is judged the same way in its own space. No Ray, no I/O.
@@ -7,7 +10,7 @@ every objective is judged the same way in its own space. No Ray, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -72,3 +75,52 @@ def evaluate_classification(objective, image_emb: torch.Tensor, targets: torch.T
     if lenses:
         out.update({f"lens/{k}": v for k, v in lens_report(objective, image_emb).items()})
     return out
+
+
+@torch.no_grad()
+def evaluate_embeddings(
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    objective,
+    batches: Iterable[dict],
+    templates: Sequence[str],
+    *,
+    lenses: bool = True,
+) -> dict[str, float]:
+    """Run retrieval (+ zero-shot when batches carry non-empty ``label``) over val batches.
+
+    ``encode_*`` return raw features; ``objective.embed`` maps them into its geometry. The
+    scoring is :func:`evaluate_pairs` (shared with ``cliplab eval``).
+    Returns keys ``val/image_to_text_R1``, ``…_R5``, ``…_R10``, ``val/text_to_image_R*``,
+    ``val/num_samples``, ``val/retrieval_chance_R1``; with labels ``val/zeroshot_top1``,
+    ``val/zeroshot_top5``, ``val/zeroshot_mean_per_class``, ``val/zeroshot_num_classes``; and the
+    lenses as ``val/lens/…`` (see :func:`cliplab.eval.lenses.lens_report`).
+    """
+    images, texts, labels = [], [], []
+    for batch in batches:
+        images.append(objective.embed(encode_images(torch.as_tensor(batch["image"])), "image"))
+        texts.append(objective.embed(encode_texts(list(batch["caption"])), "text"))
+        labels.extend(str(x) for x in batch["label"])
+    if not images:
+        return {}
+    image_emb, text_emb = torch.cat(images), torch.cat(texts)
+    classnames = sorted({label for label in labels if label})
+    zero_shot = len(classnames) >= 2 and all(labels)
+    out = evaluate_pairs(objective, image_emb, text_emb, lenses=lenses,
+                         labels=labels if zero_shot else None, classnames=classnames if zero_shot else None,
+                         encode_texts=encode_texts, templates=templates)
+    return {f"val/{k}": v for k, v in out.items()}
+
+
+def evaluate_module(module, tokenizer: Callable, batches: Iterable[dict], templates: Sequence[str], *,
+                    lenses: bool = True) -> dict[str, float]:
+    """:func:`evaluate_embeddings` of a :class:`cliplab.models.DualEncoder` (unwrapped from DDP)
+    in eval mode: every batch and prompt moves to the module's device before it meets an encoder
+    (DDP's own input move never runs here), and the scoring happens on that device."""
+    from cliplab.models import encode_images, encode_texts
+
+    module.eval()
+    return evaluate_embeddings(lambda images: encode_images(module.model, images),
+                               lambda texts: encode_texts(module.model, tokenizer, texts),
+                               module.objective, batches, templates, lenses=lenses)
+

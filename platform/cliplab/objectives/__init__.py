@@ -1,4 +1,7 @@
-"""Contrastive objectives. Ray-free: they see local features and a :class:`DistContext`."""
+"""Contrastive objectives. Ray-free: they see local features and a :class:`DistContext`.
+
+May import: distributed, errors (the foundations). Never models, config or anything above.
+"""
 
 from cliplab.objectives.base import DataNeeds, LossOutput, Objective
 from cliplab.objectives.family import PRESETS, ContrastiveObjective, data_needs, resolve

@@ -14,11 +14,6 @@ if TYPE_CHECKING:
     from cliplab.objectives.geometry import Geometry
 
 
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32, or as it is when float64 (references and tests run in float64)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
 @dataclass(frozen=True)
 class DataNeeds:
     """What an objective needs from the data beyond one image view and its caption."""

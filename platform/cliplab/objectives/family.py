@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliplab.distributed import DistContext
-from cliplab.objectives.base import DataNeeds, LossOutput, Objective, at_least_fp32
+from cliplab.objectives.base import DataNeeds, LossOutput, Objective
 from cliplab.objectives.geometry import GEOMETRIES
+from cliplab.objectives.numerics import at_least_fp32
 
 MASK = -1e9  # finite: soft targets × masked logits must never meet -inf
 SIGMOID_BIAS_INIT = -10.0  # SigLIP's b at init, unless the config or model.pretrained gives one

@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cliplab.objectives import lorentz as L
-from cliplab.objectives.base import at_least_fp32
 from cliplab.objectives.hopfield import sphere_retrieval
+from cliplab.objectives.numerics import at_least_fp32
 
 
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

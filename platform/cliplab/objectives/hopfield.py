@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from cliplab.objectives.base import at_least_fp32
+from cliplab.objectives.numerics import at_least_fp32
 
 
 def _scores(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from cliplab.objectives.base import at_least_fp32
+from cliplab.objectives.numerics import at_least_fp32
 
 
 def eps_for(dtype: torch.dtype) -> float:

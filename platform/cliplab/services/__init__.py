@@ -1,4 +1,7 @@
-"""Local services for the demo, the tests and the CLI: S3 (SeaweedFS), MLflow, Ray and PostgreSQL."""
+"""Local services for the demo, the tests and the CLI: S3 (SeaweedFS), MLflow, Ray and PostgreSQL.
+
+A foundation. May import: errors only. Used by demo and cli.
+"""
 
 from cliplab.services.base import Service, free_port
 from cliplab.services.mlflow_server import MlflowService

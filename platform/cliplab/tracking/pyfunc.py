@@ -22,21 +22,13 @@ def _image_bytes(value) -> bytes:
 
 class CliplabPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pathlib import Path
+        from cliplab.checkpoint import load_module
+        from cliplab.models import resolve_device
 
-        from cliplab.models import DualEncoder, build_model, resolve_device
-        from cliplab.objectives import build_objective
-        from cliplab.train.checkpoint import load_config, load_weights
-
-        path = Path(context.artifacts["checkpoint"])
-        cfg = load_config(path)
-        bundle = build_model(cfg.model)
-        self.module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
-        load_weights(path, self.module)
-        self.module.eval()
+        loaded = load_module(context.artifacts["checkpoint"])
+        self.module, self.bundle = loaded.module, loaded.bundle
         # a GPU host serves on its GPU: `mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})` opts out
         self.module.to(resolve_device((getattr(context, "model_config", None) or {}).get("device", "auto")))
-        self.bundle = bundle
 
     def embed_images(self, images: list[bytes]):
         import torch

@@ -28,7 +28,7 @@ def model_signature():
 def redact_config(checkpoint_dir: Path) -> None:
     """Rewrite a local checkpoint copy's ``config.json`` through the MLflow redactor, so a model
     version never carries a secret an older checkpoint kept (a password in tracking.uri)."""
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     path = checkpoint_dir / "config.json"
     path.write_text(json.dumps(Redactor().tree(json.loads(path.read_text())), indent=2))
@@ -45,14 +45,13 @@ def write_open_clip_export(checkpoint_dir: Path, out: Path) -> Path:
     import open_clip
     import torch
 
+    from cliplab.checkpoint import load_config, read_weights
     from cliplab.models import _register_bundled_configs, with_trained_temperature
-    from cliplab.train.checkpoint import load_config
 
     cfg = load_config(checkpoint_dir)
     out.mkdir(parents=True, exist_ok=True)
-    objective = torch.load(checkpoint_dir / "objective.pt", map_location="cpu", weights_only=True)
-    state = with_trained_temperature(torch.load(checkpoint_dir / "model.pt", map_location="cpu", weights_only=True),
-                                     objective, add_bias=True)  # older checkpoints kept the initial ones
+    model_state, objective = read_weights(checkpoint_dir)
+    state = with_trained_temperature(model_state, objective, add_bias=True)  # older checkpoints kept the initial ones
     torch.save(state, out / "model.pt")
     shutil.copyfile(checkpoint_dir / "objective.pt", out / "objective.pt")
     _register_bundled_configs()
@@ -88,9 +87,9 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str | None, *, u
     import pandas as pd
     from mlflow import MlflowClient
 
+    from cliplab.checkpoint import fetch_checkpoint
     from cliplab.tracking.pyfunc import CliplabPyfunc
     from cliplab.tracking.tracker import quiet_run_links
-    from cliplab.train.checkpoint import fetch_checkpoint
 
     quiet_run_links(uri)
     mlflow.set_tracking_uri(uri)
@@ -113,7 +112,7 @@ def register_checkpoint(checkpoint_path: str, name: str, alias: str | None, *, u
             mlflow.log_artifacts(str(export), "open_clip")
     client = MlflowClient(uri)
     version = info.registered_model_version
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     for key, value in Redactor().params(version_tags or {}).items():  # as MLflow params and tags are
         client.set_model_version_tag(name, version, key, value)

@@ -1,6 +1,6 @@
 """An MLflow tracker that never makes training wait and never loses a record.
 
-Every call is redacted (:mod:`cliplab.tracking.secrets`), appended to an on-disk spool
+Every call is redacted (:mod:`cliplab.redaction`), appended to an on-disk spool
 (``ops.jsonl``, one JSON record per call, numbered) and handed to a background thread that sends
 records to MLflow in order. When the server is unreachable the thread keeps retrying with
 backoff while training goes on; when it is back the backlog is flushed, with each metric's
@@ -37,15 +37,29 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 
-from cliplab.tracking.secrets import Redactor
+from cliplab.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".txt", ".md", ".csv", ".log", ".toml", ".cfg", ".ini", ".py"}
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-MAX_PARAMS_PER_BATCH = 100
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+MAX_PARAM_CHARS = 6000  # MLflow's longest param value
+
+
+def log_params_batched(client, run_id: str, params: Mapping[str, object], **log_batch_kwargs) -> None:
+    """``params`` on MLflow run ``run_id`` through ``client.log_batch``, in batches MLflow accepts
+    (:data:`MAX_PARAMS_PER_BATCH`), each value a string cut to :data:`MAX_PARAM_CHARS`. The one
+    place params are batched: the spool's sender, :class:`~cliplab.tracking.tracker.MlflowTracker`
+    and the sweep's parent run use it. ``log_batch_kwargs`` go to every ``log_batch``."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH], **log_batch_kwargs)
 
 
 def default_spool_root() -> Path:
@@ -91,7 +105,7 @@ class Sender:
         self.spool = spool
 
     def send(self, records: list[dict]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, RunTag
 
         head = records[0]["op"]
         if head == "metrics":
@@ -99,9 +113,7 @@ class Sender:
             for i in range(0, len(items), MAX_METRICS_PER_BATCH):
                 self.client.log_batch(self.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH], synchronous=True)
         elif head == "params":
-            items = [Param(k, v[:6000]) for k, v in head_data(records).items()]
-            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+            log_params_batched(self.client, self.run_id, head_data(records), synchronous=True)
         elif head == "tags":
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in head_data(records).items()],
                                   synchronous=True)

@@ -65,11 +65,9 @@ class MlflowTracker:
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
 
     def log_params(self, params):
-        from mlflow.entities import Param
+        from cliplab.tracking.spool import log_params_batched
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        log_params_batched(self.client, self.run_id, params)
 
     def log_metrics(self, metrics, step):
         import time
@@ -91,9 +89,15 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status)
 
 
+def resolve_uri(uri: str | None) -> str | None:
+    """``uri`` (``tracking.uri``, ``--tracking-uri``), else ``MLFLOW_TRACKING_URI``, else None
+    (tracking off): the one place that fallback is written."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def tracking_uri(cfg) -> str | None:
-    """The configured URI, else ``MLFLOW_TRACKING_URI``, else None (tracking off)."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    """The MLflow URI of a :class:`~cliplab.config.TrackingConfig` (:func:`resolve_uri`)."""
+    return resolve_uri(cfg.uri)
 
 
 def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
@@ -106,7 +110,7 @@ def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
     import urllib.parse
     import urllib.request
 
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     parts = urllib.parse.urlsplit(uri)
     shown = Redactor().text(uri)
@@ -134,7 +138,7 @@ def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
 def quiet_run_links(uri: str | None) -> None:
     """MLflow prints "View run NAME at: URI/#/..." to stdout when a run ends, with the URI as given:
     a password in it would land in the driver's log. Such URIs get no printed link."""
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     if uri and Redactor().text(uri) != uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -150,7 +154,7 @@ def build_tracker(cfg, *, rank: int, run_name: str | None = None, tags: dict[str
     """
     import time
 
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
     from cliplab.tracking.spool import SpoolingTracker, quiet_mlflow_retries
 
     uri = tracking_uri(cfg)

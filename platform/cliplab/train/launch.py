@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Any
 from cliplab.config import ExperimentConfig, to_dict
 from cliplab.data.sources import ShardSet, resolve_shards
 from cliplab.errors import DataError, TrainingError
+from cliplab.ray_connect import init_ray
 from cliplab.tracking.tracker import check_reachable, tracking_uri
+from cliplab.train.protocol import STOPPED, data_changed_message, worker_sees_cuda
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def storage_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
     (pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is passed explicitly)."""
     path = storage_path(cfg)
     if path.startswith("s3://"):
-        from cliplab.train.checkpoint import run_storage
+        from cliplab.checkpoint import run_storage
 
         filesystem, root = run_storage(path, cfg.data.s3)
         return {"storage_path": root, "storage_filesystem": filesystem}
@@ -136,23 +137,11 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
             callbacks=callbacks or [],
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # split none: every worker reads build_datasets' train_index whole (each rank picks its own
+        # samples from it) and the whole val set (retrieval ranks against all of it); Ray's
+        # default ("all") would hand each worker a slice of both
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
-
-
-def worker_sees_cuda() -> bool:
-    """On a Train worker: whether torch sees the CUDA GPU Ray assigned. False only on Ray's simulated
-    nodes (``RAY_FAKE_CLUSTER=1``: fake ``GPU`` resources, as ``ray.cluster_utils.AutoscalingCluster``
-    launches), where training runs on the CPU; anywhere else a GPU torch cannot see is an error."""
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    if os.environ.get("RAY_FAKE_CLUSTER") == "1":
-        return False
-    raise RuntimeError(f"train.use_gpu is set and Ray gave this worker a GPU, but torch {torch.__version__} "
-                       f"(CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device: check the node's NVIDIA "
-                       "driver and the image's torch build, or run with --set train.use_gpu=false")
 
 
 def gpu_torch_config():
@@ -184,24 +173,6 @@ def unique_name(stem: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``address``/``RAY_ADDRESS``, or start a local Ray (as ``ray.init`` does)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # inside a Ray job (`ray job submit`, KubeRay) the job's runtime env rules: Ray refuses a driver
-    # runtime env that sets a variable the job's env sets too
-    inside_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
-             **({} if inside_job else {"runtime_env": {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}}))
-
-
 def run_training(cfg: ExperimentConfig, *, address: str | None = None, name: str | None = None,
                  allow_data_change: bool = False):
     """``cliplab train``: preflight, then one TorchTrainer run. Returns the Ray Train Result;
@@ -227,9 +198,6 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, name: str
     return result
 
 
-STOPPED = "cliplab/stopped"  # the workers ended the run early, for this reason
-
-
 def raise_if_stopped(result, name: str, cfg: ExperimentConfig) -> None:
     """The workers stop a run that a restart would only repeat (a NaN streak, a refused
     checkpoint, changed data) by returning the reason instead of raising it: Ray Train retries
@@ -244,18 +212,12 @@ def raise_if_stopped(result, name: str, cfg: ExperimentConfig) -> None:
                             f"{cfg.storage_path}`)")
 
 
-def data_changed_message(checkpoint: str, step: int, changes: list[str]) -> str:
-    return (f"the training data changed since checkpoint {checkpoint} (step {step}): {'; '.join(changes)}. "
-            "Resuming would repeat some samples and skip others; resume on the data it was trained on, or pass "
-            "--allow-data-change to continue from the saved position in the new plan")
-
-
 def check_resume(cfg: ExperimentConfig, name: str, index, *, allow_data_change: bool = False) -> None:
     """Before Ray resumes run ``name`` (it does when the name has a checkpoint in storage): its
     latest complete checkpoint's trainer state must load safely (tensors and plain types only)
     and, unless ``allow_data_change``, must have been trained on the same shards and plan."""
+    from cliplab.checkpoint import latest_in_storage, read_trainer_state
     from cliplab.data import plan
-    from cliplab.train.checkpoint import latest_in_storage, read_trainer_state
 
     found = latest_in_storage(f"{storage_path(cfg).rstrip('/')}/{name}", cfg.data.s3)
     if found is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cliplab.train import checkpoint as ckpt
+from cliplab import checkpoint as ckpt
 
 
 def persist_checkpoint(checkpoint, dir_name: str):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cliplab import checkpoint as ckpt
 from cliplab.config import ExperimentConfig, flatten, from_dict, to_dict
 from cliplab.data import plan
 from cliplab.distributed import DistContext
@@ -21,10 +22,9 @@ from cliplab.models import build_dual_encoder
 from cliplab.tracking import build_tracker
 from cliplab.tracking.artifacts import plot_curves, provenance, write_config, write_eval_report
 from cliplab.tracking.system_metrics import start_system_metrics, stop_system_metrics
-from cliplab.train import checkpoint as ckpt
-from cliplab.train.launch import STOPPED, data_changed_message
 from cliplab.train.metering import Throughput, count_flops
 from cliplab.train.persist import persist_checkpoint
+from cliplab.train.protocol import STOPPED, data_changed_message
 from cliplab.train.schedule import build_scheduler, restore_scheduler
 from cliplab.train.step import (
     CheckpointTimer,
@@ -82,7 +82,7 @@ def _decode_on(cfg: ExperimentConfig, device: torch.device) -> str:
 def _device() -> torch.device:
     import ray.train.torch
 
-    from cliplab.train.launch import worker_sees_cuda
+    from cliplab.train.protocol import worker_sees_cuda
 
     device = ray.train.torch.get_device()
     if device.type == "cuda" and not worker_sees_cuda():

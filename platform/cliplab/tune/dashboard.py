@@ -38,8 +38,8 @@ def locate_sweep(sweep: str, storage_path: str, s3cfg=None) -> SweepLocation:
     endpoint, rejected credentials, missing bucket)."""
     from pyarrow import fs
 
+    from cliplab.checkpoint import run_storage
     from cliplab.errors import ConfigError
-    from cliplab.train.checkpoint import run_storage
 
     if not sweep.startswith("s3://") and Path(sweep).is_dir():
         return SweepLocation(str(Path(sweep).resolve()))

@@ -24,8 +24,8 @@ class ParentRun:
             return cls(None, None)
         from mlflow import MlflowClient
 
-        from cliplab.tracking.secrets import Redactor
-        from cliplab.train.checkpoint import run_storage
+        from cliplab.checkpoint import run_storage
+        from cliplab.redaction import Redactor
 
         # beside the sweep's Tune state, local or on S3, so that --resume finds it wherever it runs
         filesystem, root = run_storage(sweep_path, sweep.base.data.s3)
@@ -45,9 +45,9 @@ class ParentRun:
         params = {f"space.{k}": str(v)[:500] for k, v in sweep.space.items()}
         params.update({"sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.trials": sweep.num_trials,
                        "sweep.scheduler": type(sweep.scheduler).__name__})
-        from mlflow.entities import Param
+        from cliplab.tracking.spool import log_params_batched
 
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in redact.params(params).items()])
+        log_params_batched(client, run.info.run_id, redact.params(params))
         filesystem.create_dir(root, recursive=True)
         with filesystem.open_output_stream(marker) as f:
             f.write(json.dumps({"run_id": run.info.run_id}).encode())

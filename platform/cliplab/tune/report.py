@@ -9,11 +9,57 @@ from typing import Any
 
 from cliplab.report import markdown_table
 
+# the val metrics every sweep table shows after the swept values (header, row key)
+VAL_COLUMNS = (("val R@1 (i→t)", "val/image_to_text_R1"), ("val R@1 (t→i)", "val/text_to_image_R1"),
+               ("zero-shot top-1", "val/zeroshot_top1"))
+
 
 def table_columns(sweep) -> list[tuple[str, str]]:
-    cols = [("trial", "trial")] + [(key, key) for key in sweep.space]
-    cols += [(sweep.metric, sweep.metric), ("steps", "step"), ("stop reason", "stop_reason")]
-    return cols
+    """The sweep table's columns as (header, row key), one definition for the terminal and
+    ``results.csv``/``results.md``: the trial, its objective, every other swept value, the val
+    metrics, the sweep's metric when it is none of those, the steps and the stop reason."""
+    cols = [("trial", "trial"), ("objective", "objective")]
+    cols += [(key, key) for key in sweep.space if key != "objective.name"]
+    cols += list(VAL_COLUMNS)
+    if sweep.metric not in {key for _, key in cols}:
+        cols.append((sweep.metric, sweep.metric))
+    return cols + [("steps", "step"), ("stop reason", "stop_reason")]
+
+
+def table_rows(sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trial rows with their ``objective`` (swept, or the base config's)."""
+    return [{"objective": r.get("objective.name", sweep.base.objective.name), **r} for r in rows]
+
+
+def results_table(sweep, rows: list[dict[str, Any]]) -> str:
+    """The sweep table in Markdown (it reads as well in a terminal)."""
+    return markdown_table(table_rows(sweep, rows), table_columns(sweep))
+
+
+def outcome_text(sweep, outcome) -> str:
+    """A finished sweep for the terminal (``cliplab sweep``, the demo): the table, chance levels,
+    the sweep's own summary, the best trial, what was registered, the files and trial errors."""
+    lines = [results_table(sweep, outcome.rows)]
+    if outcome.rows and "val/retrieval_chance_R1" in outcome.rows[0]:
+        r = outcome.rows[0]
+        chance_zs = 1 / r["val/zeroshot_num_classes"] if r.get("val/zeroshot_num_classes") else None
+        lines.append(f"chance: R@1 = {r['val/retrieval_chance_R1']:.4f} ({int(r['val/num_samples'])} val pairs)"
+                     + (f", zero-shot = {chance_zs:.4f} ({int(r['val/zeroshot_num_classes'])} classes)"
+                        if chance_zs else ""))
+    if sweep.summarize and outcome.rows:
+        lines.append(sweep.summarize(outcome.rows))
+    if outcome.best:
+        lines.append(f"best trial: {outcome.best['trial']} ({sweep.metric} = {outcome.best[sweep.metric]:.4f})")
+    if outcome.registered:
+        reg = outcome.registered
+        lines.append(f"registered: {reg['name']} version {reg['version']}, alias '{reg['alias']}' -> "
+                     f"{reg['model_uri']}")
+        if reg.get("decision"):
+            lines.append(f"promotion: {reg['decision']}")
+    if outcome.files:
+        lines.append(f"results: {outcome.files['md']} (and .csv, plots/)")
+    lines += [f"trial error: {err}" for err in outcome.errors]
+    return "\n".join(lines)
 
 
 def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -23,11 +69,11 @@ def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out
     with files["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([label for label, _ in cols])
-        for row in rows:
+        for row in table_rows(sweep, rows):
             writer.writerow([row.get(key, "") for _, key in cols])
     hypothesis = (sweep.hypothesis or "").strip().splitlines()
     files["md"].write_text(f"# sweep {sweep.name}\n\n" + (f"{hypothesis[0]}\n\n" if hypothesis else "")
-                           + markdown_table(rows, cols) + "\n")
+                           + results_table(sweep, rows) + "\n")
     files.update(plot_all(sweep, rows, curves, out / "plots"))
     return files
 

@@ -206,7 +206,8 @@ def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict,
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cliplab.train.launch import STOPPED, Prepared, build_datasets, build_trainer
+    from cliplab.train.launch import Prepared, build_datasets, build_trainer
+    from cliplab.train.protocol import STOPPED
 
     cfg = with_overrides(base, params)
     trial = tune.get_context().get_trial_name()
@@ -223,8 +224,8 @@ def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict,
 
 def _upload(local_root: Path, files, folder: str, s3cfg) -> None:
     """Copy ``files`` (under ``local_root``) to ``folder`` on its storage, keeping their layout."""
+    from cliplab.checkpoint import run_storage
     from cliplab.data.sources import put_files
-    from cliplab.train.checkpoint import run_storage
 
     filesystem, root = run_storage(folder, s3cfg)
     put_files(filesystem, local_root, files, root)
@@ -246,8 +247,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     register the best trial (champion only if it beats the current one, else challenger)."""
     from ray import tune
 
-    from cliplab.train.launch import STOPPED, init_ray, preflight, steps_per_epoch, storage_kwargs
-    from cliplab.tune import report
+    from cliplab.ray_connect import init_ray
+    from cliplab.train.launch import preflight, steps_per_epoch, storage_kwargs
     from cliplab.tune.capacity import wait_for_capacity
     from cliplab.tune.parent import ParentRun
 
@@ -264,31 +265,55 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     trainable = tune.with_resources(tune.with_parameters(
         _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val}, steps=steps, sweep=sweep.name,
         parent_run_id=parent.run_id, allow_data_change=allow_data_change), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
+    grid = _tuner(sweep, trainable, path, storage, resume=resume).fit()
+    rows, errors, curves = _collect(grid, sweep, total=sweep.base.train.max_steps or sweep.base.train.epochs * steps)
+    best = _best(rows, sweep)
+    if best is None:
+        errors = errors or ["no trial reported the metric " + sweep.metric]
+    files = _write_results(sweep, rows, curves, path, errors)
+    registered = None
+    if best is not None and register and sweep.register_as:
+        from cliplab.tune.promote import register_and_promote
+
+        registered = register_and_promote(sweep, best)
+    parent.finish(sweep, rows, best, files, registered)
+    return SweepOutcome(rows, best, registered, errors, files=files, parent_run_id=parent.run_id)
+
+
+def _tuner(sweep: Sweep, trainable, path: str, storage: dict, *, resume: bool):
+    """A new ``Tuner`` for the sweep in ``storage`` (:func:`~cliplab.train.launch.storage_kwargs`),
+    or with ``resume`` the interrupted one restored from there."""
+    from ray import tune
+
     if resume:
         # the experiment folder on its filesystem (for S3, the bucket/key path, without the scheme)
         restore_path = f"{storage['storage_path'].rstrip('/')}/{sweep.name}"
         if not tune.Tuner.can_restore(restore_path, storage_filesystem=storage.get("storage_filesystem")):
             raise ConfigError(f"nothing to resume at {path}: run the sweep without --resume first")
-        tuner = tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=sweep.space, storage_filesystem=storage.get("storage_filesystem"))
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=sweep.space,
-            tune_config=tune.TuneConfig(
-                metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                max_concurrent_trials=sweep.max_concurrent_trials,
-                scheduler=sweep.scheduler.build(sweep.metric, sweep.mode, sweep.base.train.epochs),
-                search_alg=sweep.search.build(sweep.metric, sweep.mode),
-                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            # a trial whose driver died with its node starts again; its Ray Train run (named after
-            # the trial) resumes from its latest checkpoint
-            run_config=tune.RunConfig(name=sweep.name, sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
-                                      failure_config=tune.FailureConfig(max_failures=sweep.base.train.max_failures),
-                                      **storage),
-        )
-    grid = tuner.fit()
-    total = sweep.base.train.max_steps or sweep.base.train.epochs * steps
+        return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=sweep.space, storage_filesystem=storage.get("storage_filesystem"))
+    return tune.Tuner(
+        trainable,
+        param_space=sweep.space,
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            scheduler=sweep.scheduler.build(sweep.metric, sweep.mode, sweep.base.train.epochs),
+            search_alg=sweep.search.build(sweep.metric, sweep.mode),
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        # a trial whose driver died with its node starts again; its Ray Train run (named after
+        # the trial) resumes from its latest checkpoint
+        run_config=tune.RunConfig(name=sweep.name, sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+                                  failure_config=tune.FailureConfig(max_failures=sweep.base.train.max_failures),
+                                  **storage),
+    )
+
+
+def _collect(grid, sweep: Sweep, *, total: int) -> tuple[list[dict], list[str], dict]:
+    """One row per trial (its params, last metrics and ``stop_reason``: completed after ``total``
+    steps, error, or stopped early), the errors, and each trial's metrics over time."""
+    from cliplab.train.protocol import STOPPED
+
     rows, errors, curves = [], [], {}
     for result in grid:
         name = Path(result.path).name
@@ -307,14 +332,24 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
         rows.append({"trial": name, **params, **metrics, "stop_reason": stop})
         if result.metrics_dataframe is not None:
             curves[name] = result.metrics_dataframe
+    return rows, errors, curves
+
+
+def _best(rows: list[dict], sweep: Sweep) -> dict | None:
+    """The row with the best metric among the completed trials (else among any that reported it)."""
     scored = [r for r in rows if isinstance(r.get(sweep.metric), (int, float)) and r["stop_reason"] == "completed"]
     scored = scored or [r for r in rows if isinstance(r.get(sweep.metric), (int, float))]
-    best = None
-    if scored:
-        pick = max if sweep.mode == "max" else min
-        best = pick(scored, key=lambda r: r[sweep.metric])
-    else:
-        errors = errors or ["no trial reported the metric " + sweep.metric]
+    if not scored:
+        return None
+    pick = max if sweep.mode == "max" else min
+    return pick(scored, key=lambda r: r[sweep.metric])
+
+
+def _write_results(sweep: Sweep, rows: list[dict], curves: dict, path: str, errors: list[str]) -> dict:
+    """The results table and plots in ``path`` (a remote ``path``: under ``.cliplab/sweeps/``, then
+    uploaded beside the sweep's Tune state; a failed upload is appended to ``errors``)."""
+    from cliplab.tune import report
+
     remote = "://" in path
     out = Path(".cliplab/sweeps") / sweep.name if remote else Path(path)
     files = report.write_results(sweep, rows, curves, out)
@@ -325,10 +360,4 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
             from cliplab.data.sources import s3_error_message
 
             errors.append(f"results kept only in {out}: {s3_error_message(err, path, sweep.base.data.s3)}")
-    registered = None
-    if best is not None and register and sweep.register_as:
-        from cliplab.tune.promote import register_and_promote
-
-        registered = register_and_promote(sweep, best)
-    parent.finish(sweep, rows, best, files, registered)
-    return SweepOutcome(rows, best, registered, errors, files=files, parent_run_id=parent.run_id)
+    return files

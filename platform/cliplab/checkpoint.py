@@ -1,4 +1,8 @@
-"""Checkpoint directory layout, shared by training, resume and the model registry.
+"""The checkpoint format, shared by training, resume, ``cliplab eval``, the pyfunc model and the
+registry: how a checkpoint is written (:func:`save_checkpoint`), found (:func:`latest_in_storage`)
+and read (:func:`load_module` for a model ready to embed, :func:`read_weights` for its state dicts).
+
+Layout of one checkpoint folder:
 
     model.pt       open_clip state dict (loadable by ``open_clip.create_model(name, pretrained=...)``),
                    its ``logit_scale`` (and a SigLIP model's ``logit_bias``) the objective's trained ones
@@ -21,6 +25,7 @@ and the names of the frozen parameters (``frozen``: the locked towers).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +67,7 @@ def save_checkpoint(path: Path, module, optimizer, scheduler, *, step: int, epoc
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step, "epoch": epoch, "rng": rng, **(extra or {})}, path / "trainer.pt")
-    from cliplab.tracking.secrets import Redactor
+    from cliplab.redaction import Redactor
 
     (path / "config.json").write_text(json.dumps(Redactor().tree(to_dict(cfg)), indent=2))
     tmp = path / f".{MARKER}.tmp"
@@ -197,10 +202,45 @@ def safe_load(source, what: str, *, legacy_numpy: bool = False) -> Any:
             "write, or start the run again") from None
 
 
-def load_weights(path: Path, module) -> None:
+def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's and the objective's state dicts of a complete checkpoint (:func:`safe_load`)."""
     _require_complete(path)
-    module.model.load_state_dict(safe_load(Path(path) / "model.pt", f"{path}/model.pt"))
-    module.objective.load_state_dict(safe_load(Path(path) / "objective.pt", f"{path}/objective.pt"))
+    return (safe_load(Path(path) / "model.pt", f"{path}/model.pt"),
+            safe_load(Path(path) / "objective.pt", f"{path}/objective.pt"))
+
+
+def load_weights(path: Path, module) -> None:
+    """The checkpoint's weights into ``module`` (a :class:`cliplab.models.DualEncoder`)."""
+    model_state, objective_state = read_weights(path)
+    module.model.load_state_dict(model_state)
+    module.objective.load_state_dict(objective_state)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint ready to embed: its experiment config, the model bundle (transforms,
+    tokenizer) and the :class:`cliplab.models.DualEncoder` holding the trained weights, in eval mode
+    on the CPU."""
+
+    cfg: ExperimentConfig
+    bundle: Any
+    module: Any
+
+
+def load_module(path: str | Path) -> LoadedCheckpoint:
+    """The one loader of a checkpoint as a model (``cliplab eval``, the pyfunc model): its
+    ``config.json`` builds the model and the objective, then the weights load. Raises
+    :class:`IncompleteCheckpointError`, :class:`UnsafeCheckpointError` or ``FileNotFoundError``."""
+    from cliplab.models import DualEncoder, build_model
+    from cliplab.objectives import build_objective
+
+    path = Path(path)
+    cfg = load_config(path)
+    bundle = build_model(cfg.model)
+    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
+    load_weights(path, module)
+    module.eval()
+    return LoadedCheckpoint(cfg, bundle, module)
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
