@@ -64,7 +64,9 @@ def test_worker_blocks_raise_the_decode_error_and_stop_early(emoji_corpus):
     from cliplab.data.stream import worker_blocks
 
     stream, specs = _rank_specs(emoji_corpus[0], epoch=0)
-    with pytest.raises(ValueError, match="unknown open_clip model"):
+    from cliplab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no-such-model"):
         list(worker_blocks(specs, {**stream._decode_kwargs(), "model_name": "no-such-model"}, prefetch=1))
     blocks = worker_blocks(specs, stream._decode_kwargs(), prefetch=1)
     next(blocks)
