@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale-up-timeout", type=float, default=None, metavar="SECONDS",
                    help="on an autoscaling cluster, how long to wait for room for one trial before giving up "
                         "(default: the sweep's scale_up_timeout_s, 900, or CLIPLAB_SCALE_UP_TIMEOUT_S)")
+    p.add_argument("--max-concurrent-trials", type=int, default=None, metavar="N",
+                   help="run up to N trials at once (default: the sweep file's max_concurrent_trials); on a small "
+                        "machine 2 overlap one trial's start-up with another's steps; each must fit the cluster")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones restart "
                         "from their checkpoints")
@@ -45,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.scale_up_timeout > 0:
             raise ConfigError(f"--scale-up-timeout must be > 0 seconds, got {args.scale_up_timeout:g}")
         sweep = dataclasses.replace(sweep, scale_up_timeout_s=args.scale_up_timeout)
+    if args.max_concurrent_trials is not None:
+        if args.max_concurrent_trials < 1:
+            raise ConfigError(f"--max-concurrent-trials must be >= 1, got {args.max_concurrent_trials}")
+        sweep = dataclasses.replace(sweep, max_concurrent_trials=args.max_concurrent_trials)
     print(f"sweep {sweep.name}: {sweep.hypothesis.splitlines()[0] if sweep.hypothesis else ''}")
     outcome = run_sweep(sweep, address=args.address, register=not args.no_register, resume=args.resume,
                         allow_data_change=args.allow_data_change)

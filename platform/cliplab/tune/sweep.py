@@ -131,6 +131,7 @@ class Sweep:
     # check when the autoscaler's node types are not readable; see cliplab.tune.capacity)
     scale_up_timeout_s: float = field(default_factory=lambda: float(os.environ.get(SCALE_UP_TIMEOUT_ENV, 900)))
     max_node_resources: dict[str, float] | None = None
+    tune_verbose: int = 0  # Ray Tune's own output: 0 one line per trial start and end, 1 also its tables, 2 more
 
     @property
     def num_trials(self) -> int:
@@ -285,6 +286,8 @@ def _tuner(sweep: Sweep, trainable, path: str, storage: dict, *, resume: bool):
     or with ``resume`` the interrupted one restored from there."""
     from ray import tune
 
+    from cliplab.tune.progress import TrialLines
+
     if resume:
         # the experiment folder on its filesystem (for S3, the bucket/key path, without the scheme)
         restore_path = f"{storage['storage_path'].rstrip('/')}/{sweep.name}"
@@ -305,6 +308,8 @@ def _tuner(sweep: Sweep, trainable, path: str, storage: dict, *, resume: bool):
         # the trial) resumes from its latest checkpoint
         run_config=tune.RunConfig(name=sweep.name, sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
                                   failure_config=tune.FailureConfig(max_failures=sweep.base.train.max_failures),
+                                  verbose=sweep.tune_verbose,
+                                  callbacks=[TrialLines(sweep.space, sweep.metric, sweep.num_trials or sweep.num_samples)],
                                   **storage),
     )
 
