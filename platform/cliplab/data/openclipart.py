@@ -12,10 +12,11 @@ comes from its SVG's Dublin Core metadata (:mod:`cliplab.data.clipart_captions`)
 * then the description's first sentence, when it adds something: three words or more, no URL or
   e-mail address, not a repeat of the title, not shared by five or more drawings;
 
-at most 30 words (the text tower reads 32 tokens). The category is the top-level folder; categories with
-fewer than ``min_per_category`` drawings are skipped. Keys hash the PNG's path (``oc`` + 16 hex
-digits), so the corpus, its split and its captions are the same everywhere, and ``--limit``
-keeps a subset of the full corpus with the same captions and splits.
+at most 30 words (the text tower reads 32 tokens). The category is the top-level folder;
+categories with fewer than ``min_per_category`` drawings are skipped. Keys hash the PNG's path
+(``oc`` + 16 hex digits), so the corpus, its split and its captions are the same everywhere, and
+``limit`` keeps a subset of the full corpus with the same captions and keys (and the same split,
+but for the val drawing :func:`val_keys` gives a category the hash left without one).
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ def scan(root: str | Path = ROOT, *, min_per_category: int = MIN_PER_CATEGORY, l
 
 def val_keys(arts: list[ClipArt], val_fraction: float, seed: int) -> set[str]:
     """The val split: :func:`deterministic_split` of the key, then a category the hash left
-    without a val drawing gives its smallest key to val (when ``val_fraction`` > 0)."""
+    without a val drawing gives its smallest key to val (when ``val_fraction`` > 0). Decided
+    before any PNG is read, so the corpus and the eval set agree; a category whose only val
+    drawings are skipped later (unreadable, repeated bytes) has none in the written val split."""
     keys = {a.key for a in arts if deterministic_split(a.key, val_fraction, seed) == "val"}
     if val_fraction > 0:
         for category in {a.category for a in arts}:
