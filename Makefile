@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # (Pillow's text shaping, which draws flags and ZWJ sequences as one glyph), and Chromium (headless, for
 # the dashboard screenshot tests), PostgreSQL 15 (initdb/postgres for the tracking tests' Postgres pass);
 # installed only if absent
-APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0 chromium dataset-fashion-mnist postgresql
+APT_PACKAGES := fonts-noto-color-emoji unicode-data libfribidi0 chromium dataset-fashion-mnist postgresql openclipart-png openclipart-svg
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }

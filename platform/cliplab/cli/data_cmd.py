@@ -1,4 +1,4 @@
-"""``cliplab data emoji|fashion-mnist|build|inspect|embed-captions|upload``."""
+"""``cliplab data emoji|openclipart|fashion-mnist|build|inspect|embed-captions|upload``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     data = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     _add_emoji(data)
     _add_fashion_mnist(data)
+    _add_openclipart(data)
     _add_build(data)
     _add_inspect(data)
     _add_embed_captions(data)
@@ -122,6 +123,38 @@ def _add_upload(data: argparse._SubParsersAction) -> None:
     upload.set_defaults(func=run_upload)
 
 
+def _add_openclipart(data: argparse._SubParsersAction) -> None:
+    clip = data.add_parser("openclipart", help="the Open Clip Art corpus (Debian's openclipart-png/-svg) into shards",
+                           description="Build train/val shards from Debian's openclipart-png and openclipart-svg "
+                                       "(/usr/share/openclipart, ~6,900 drawings in 22 category folders): each PNG "
+                                       "composited on white, captioned by its SVG's dc:title (or its file name "
+                                       "when the title is missing or names a whole collection), plus the "
+                                       "description's first sentence when it adds something, at most 30 words; "
+                                       "{key}.json holds category, title and keywords. Second names of a drawing "
+                                       "(symlinks), byte-identical files, unreadable PNGs and categories with "
+                                       "fewer than --min-per-category drawings are skipped and counted in "
+                                       "stats.json. With --eval, also (or only) a zero-shot classification set "
+                                       "whose classes are the categories (classnames.txt, templates.txt and "
+                                       "{key}.png + {key}.cls shards), from the corpus's val split.")
+    clip.add_argument("--out", type=Path, default=None, help="output directory of the training corpus")
+    clip.add_argument("--eval", type=Path, default=None, metavar="OUT",
+                      help="output directory of the zero-shot eval set (classes = categories, but 'unsorted')")
+    clip.add_argument("--eval-split", choices=("val", "train", "all"), default="val",
+                      help="which drawings go into the eval set, by the same split as the corpus (default val)")
+    clip.add_argument("--source", type=Path, default=None,
+                      help="folder holding png/ and svg/ (default /usr/share/openclipart)")
+    clip.add_argument("--limit", type=int, default=None,
+                      help="only N drawings, taken round-robin over the categories (a subset of the full corpus)")
+    clip.add_argument("--min-per-category", type=int, default=20,
+                      help="skip categories with fewer drawings (default 20)")
+    clip.add_argument("--image-px", type=int, default=256, help="longer image side at most N pixels (default 256)")
+    clip.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in val (default 0.1)")
+    clip.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    clip.add_argument("--samples-per-shard", type=int, default=500, help="default 500")
+    clip.add_argument("--workers", type=int, default=2, help="image processes (default 2)")
+    clip.set_defaults(func=run_openclipart)
+
+
 def run_embed_captions(args: argparse.Namespace) -> int:
     from cliplab.config import S3Config
     from cliplab.data.captions import embed_captions
@@ -160,6 +193,30 @@ def run_emoji(args: argparse.Namespace) -> int:
         stats = build_emoji_eval_set(args.eval, image_px=args.image_px, split=args.eval_split,
                                      val_fraction=args.val_fraction, seed=args.seed, limit=args.limit,
                                      samples_per_shard=args.samples_per_shard, workers=args.workers)
+        _eval_summary(stats, args.eval)
+    return 0
+
+
+def run_openclipart(args: argparse.Namespace) -> int:
+    from cliplab.data.openclipart import ROOT, build_openclipart_corpus, build_openclipart_eval_set
+    from cliplab.errors import ConfigError
+
+    if args.out is None and args.eval is None:
+        raise ConfigError("cliplab data openclipart needs --out DIR (the training corpus) and/or --eval DIR "
+                          "(the zero-shot eval set)")
+    common = {"root": args.source or ROOT, "image_px": args.image_px, "val_fraction": args.val_fraction,
+              "seed": args.seed, "min_per_category": args.min_per_category, "limit": args.limit,
+              "samples_per_shard": args.samples_per_shard, "workers": args.workers}
+    if args.out is not None:
+        stats = build_openclipart_corpus(args.out, **common)
+        _summary(stats, args.out)
+        print(f"categories: {', '.join(f'{c} ({n})' for c, n in stats['categories'].items())}")
+        captions = stats["captions"]
+        print(f"captions: {captions['from_title']} from titles, {captions['from_file_name']} from file names, "
+              f"{captions['with_description']} with a description sentence; words median "
+              f"{captions['words']['median']}, max {captions['words']['max']}")
+    if args.eval is not None:
+        stats = build_openclipart_eval_set(args.eval, split=args.eval_split, **common)
         _eval_summary(stats, args.eval)
     return 0
 
