@@ -16,13 +16,13 @@ VAL_COLUMNS = (("val R@1 (i→t)", "val/image_to_text_R1"), ("val R@1 (t→i)", 
 
 def table_columns(sweep) -> list[tuple[str, str]]:
     """The sweep table's columns as (header, row key), one definition for the terminal and
-    ``results.csv``/``results.md``: the trial, its objective, every other swept value, the val
-    metrics, the sweep's metric when it is none of those, the steps and the stop reason."""
-    cols = [("trial", "trial"), ("objective", "objective")]
-    cols += [(key, key) for key in sweep.space if key != "objective.name"]
-    cols += list(VAL_COLUMNS)
-    if sweep.metric not in {key for _, key in cols}:
-        cols.append((sweep.metric, sweep.metric))
+    ``results.csv``/``results.md``: the trial, every swept value, the sweep's metric (under its
+    own name), then the objective when it is not swept, the other val metrics, the steps and the
+    stop reason."""
+    cols = [("trial", "trial")] + [(key, key) for key in sweep.space] + [(sweep.metric, sweep.metric)]
+    if "objective.name" not in sweep.space:
+        cols.append(("objective", "objective"))
+    cols += [(label, key) for label, key in VAL_COLUMNS if key != sweep.metric]
     return cols + [("steps", "step"), ("stop reason", "stop_reason")]
 
 
