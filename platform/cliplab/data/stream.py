@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -87,16 +86,6 @@ class Rebatcher:
 
     def leftover_bad(self) -> Counter:
         return self._take_bad(None)
-
-
-def index_rows(index: TrainIndex, chunk: int = 4 << 20) -> list[dict[str, Any]]:
-    """The index as rows of a small Ray Dataset (how it reaches every Ray Train worker)."""
-    blob = pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL)
-    return [{"seq": i, "blob": blob[o:o + chunk]} for i, o in enumerate(range(0, len(blob), chunk))]
-
-
-def index_from_rows(rows) -> TrainIndex:
-    return pickle.loads(b"".join(r["blob"] for r in sorted(rows, key=lambda r: r["seq"])))
 
 
 def _all_gather(obj: Any) -> list[Any]:

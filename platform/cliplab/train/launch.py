@@ -77,21 +77,24 @@ def storage_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def build_datasets(prep: Prepared) -> dict[str, Any]:
-    """``train_index`` (the shard index, given whole to every worker: each rank reads its own
-    deterministic samples, see :mod:`cliplab.data.stream`) and the ``val`` Ray Dataset."""
+    """What the workers read: ``train_index``, the shard index in the object store (every worker
+    gets it whole: each rank reads its own deterministic samples, see :mod:`cliplab.data.stream`),
+    and, when the workers may decode in Ray Data tasks (``data.decode_on``), the ``val`` Ray Dataset.
+    Workers that decode themselves read val in process, so a CPU run starts no Ray Data at all."""
+    import ray
     import ray.data
 
     from cliplab.data.decode import Limits
     from cliplab.data.pipeline import build_val_dataset
-    from cliplab.data.stream import index_rows
 
     cfg = prep.cfg
-    datasets = {"train_index": ray.data.from_items(index_rows(train_index(cfg, prep)))}
-    if prep.val is not None:
-        datasets["val"] = build_val_dataset(prep.val, model_name=cfg.model.name, label_key=cfg.data.label_key,
-                                            cpus_per_task=cfg.data.cpus_per_task, limits=Limits.of(cfg.data))
-    for ds in datasets.values():  # small reads, once per eval: no progress bars (the worker prints one line an epoch)
-        ds.context.enable_progress_bars = False
+    datasets: dict[str, Any] = {"train_index": ray.put(train_index(cfg, prep))}
+    tasks = cfg.data.decode_on == "tasks" or (cfg.data.decode_on == "auto" and cfg.train.use_gpu)
+    if prep.val is not None and tasks:
+        val = build_val_dataset(prep.val, model_name=cfg.model.name, label_key=cfg.data.label_key,
+                                cpus_per_task=cfg.data.cpus_per_task, limits=Limits.of(cfg.data))
+        val.context.enable_progress_bars = False  # a small read, once per eval: the worker prints one line an epoch
+        datasets["val"] = val
     return datasets
 
 
@@ -112,6 +115,7 @@ def steps_per_epoch(cfg: ExperimentConfig, shards: ShardSet | None = None) -> in
 
 def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps: int,
                   callbacks: list | None = None, extra: dict[str, Any] | None = None):
+    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -122,10 +126,11 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker
+    refs = {name: ref for name, ref in datasets.items() if isinstance(ref, ray.ObjectRef)}  # the shard index
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "steps_per_epoch": steps, "started_at": time.time(),
-                           "provenance": provenance(), **(extra or {})},
+                           "provenance": provenance(), "refs": refs, **(extra or {})},
         torch_config=gpu_torch_config() if cfg.train.use_gpu else TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
@@ -136,10 +141,9 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or [],
         ),
-        datasets=datasets,
-        # split none: every worker reads build_datasets' train_index whole (each rank picks its own
-        # samples from it) and the whole val set (retrieval ranks against all of it); Ray's
-        # default ("all") would hand each worker a slice of both
+        datasets={name: ds for name, ds in datasets.items() if name not in refs},
+        # split none: every worker reads the whole val set (retrieval ranks against all of it);
+        # Ray's default ("all") would hand each worker a slice
         dataset_config=DataConfig(datasets_to_split=[]),
     )
 

@@ -223,7 +223,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     t.wrap()
     startup.append(("build the model", time.time()))
     ctx = DistContext.current()
-    data = _train_stream(cfg, config["steps_per_epoch"], t.rank, ctx.world_size, t.device)
+    data = _train_stream(cfg, config["refs"]["train_index"], config["steps_per_epoch"], t.rank, ctx.world_size,
+                         t.device)
     fingerprint = plan.fingerprint(data.index, cfg.data)  # saved with each checkpoint's data position
     if state is not None and (stop := _data_changed(state, fingerprint, resume.path, config)):
         return {STOPPED: stop, "step": t.step}
@@ -359,15 +360,15 @@ def _open_run(config: dict, t: Trainee, world_size: int, state: dict | None):
     return tracker, start_system_metrics(cfg, tracker)
 
 
-def _train_stream(cfg: ExperimentConfig, steps_per_epoch: int, rank: int, world: int, device):
-    """This rank's :class:`~cliplab.data.stream.RankStream`, from the shard index every worker gets."""
+def _train_stream(cfg: ExperimentConfig, index_ref, steps_per_epoch: int, rank: int, world: int, device):
+    """This rank's :class:`~cliplab.data.stream.RankStream`, from the shard index every worker gets
+    (``index_ref``: the driver put it in the object store)."""
     import ray
-    import ray.train
 
-    from cliplab.data.stream import RankStream, index_from_rows
+    from cliplab.data.stream import RankStream
     from cliplab.objectives import data_needs
 
-    index = index_from_rows(ray.train.get_dataset_shard("train_index").iter_rows())
+    index = ray.get(index_ref)
     needs, captions_ref = data_needs(cfg.objective), None
     if needs.caption_embeddings:  # X-CLR: caption embeddings joined by key
         from cliplab.data.captions import load_caption_table
