@@ -308,7 +308,7 @@ def _print_startup(started_at: float | None, marks: list[tuple[str, float]]) -> 
     if not started_at:
         return
     now, last, parts = time.time(), started_at, []
-    for what, at in [*marks, ("read the first batch and step", time.time())]:
+    for what, at in [*marks, ("read the first batch and step", now)]:
         parts.append(f"{at - last:.1f} s to {what}")
         last = at
     print(f"first step done {now - started_at:.1f} s after the trial started ({', '.join(parts)})", flush=True)
