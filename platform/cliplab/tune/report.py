@@ -72,8 +72,9 @@ def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out
         for row in table_rows(sweep, rows):
             writer.writerow([row.get(key, "") for _, key in cols])
     hypothesis = (sweep.hypothesis or "").strip().splitlines()
+    summary = f"\n{sweep.summarize(rows)}\n" if sweep.summarize and rows else ""  # e.g. mean ± std over seeds
     files["md"].write_text(f"# sweep {sweep.name}\n\n" + (f"{hypothesis[0]}\n\n" if hypothesis else "")
-                           + results_table(sweep, rows) + "\n")
+                           + results_table(sweep, rows) + "\n" + summary)
     files.update(plot_all(sweep, rows, curves, out / "plots"))
     return files
 
