@@ -83,6 +83,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (len({s.name for s in cfg.data.train_sources()}) == len(cfg.data.sources) or not cfg.data.sources,
          "data.sources names must be unique"),
         (cfg.data.shuffle_window >= 1, "data.shuffle_window must be >= 1"),
+        (0 < cfg.data.train_fraction <= 1, "data.train_fraction must be in (0, 1] (1 keeps every sample)"),
         (cfg.data.prefetch_batches >= 0, "data.prefetch_batches must be >= 0"),
         (cfg.data.max_image_bytes >= 1 and cfg.data.max_text_bytes >= 1,
          "data.max_image_bytes and data.max_text_bytes must be >= 1 (bytes; a larger member is skipped)"),

@@ -53,6 +53,11 @@ class DataConfig:
     batch_size: int = 64  # per worker
     seed: int = 0  # shard/sample order: the same seed gives the same order, epoch by epoch
     shuffle_files: bool = True  # shuffle shard order each epoch (false: shards in listed order)
+    # keep this fraction of the training samples (data-scarcity studies): each sample is kept by a hash of
+    # its shard's name, its position and train_fraction_seed, so every rank and run sees the same subset
+    # and a smaller fraction's subset lies inside a larger one's
+    train_fraction: float = 1.0
+    train_fraction_seed: int = 0
     shuffle_window: int = 1000  # samples shuffled together within a rank's stream (one read task each)
     prefetch_batches: int = 2  # decoded blocks buffered ahead of the training step
     label_key: str | None = "group"  # json field used as the zero-shot class, if present

@@ -32,11 +32,13 @@ shared with val, ``cliplab eval`` and ``cliplab data inspect``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import pickle
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -244,6 +246,29 @@ def build_train_index(sources: Sequence[tuple[str, float, ShardSet]], *, progres
         shard_source.extend([i] * len(found))
         entries.extend(found)
     return TrainIndex(tuple(names), tuple(urls), tuple(weights), tuple(is_s3), tuple(shard_source), tuple(entries))
+
+
+def subsample(index: TrainIndex, fraction: float, seed: int = 0) -> TrainIndex:
+    """``index`` with each sample kept with probability ``fraction`` (``data.train_fraction``).
+
+    Sample ``i`` of a shard is kept when ``u_i < fraction``, where ``u`` is a uniform draw from a
+    generator seeded by the shard's file name and ``seed``: the same subset on every rank, run and
+    storage (local or S3), and a smaller fraction's subset inside a larger one's. Dropped samples
+    are not counted as skipped. A source left with no sample is a :class:`DataError`."""
+    if fraction >= 1:
+        return index
+    shards = []
+    for shard in index.shards:
+        name = shard.path.rstrip("/").rsplit("/", 1)[-1]
+        u = np.random.default_rng([zlib.crc32(name.encode()), seed]).random(len(shard))
+        keep = u < fraction
+        shards.append(ShardIndex(shard.path, shard.starts[keep], shard.ends[keep], dict(shard.skipped)))
+    out = dataclasses.replace(index, shards=tuple(shards))
+    for name, n_before, n_after in zip(index.names, index.source_samples(), out.source_samples(), strict=True):
+        if n_after == 0:
+            raise DataError(f"data.train_fraction={fraction:g} keeps no sample of source '{name}' "
+                            f"({n_before} samples): raise the fraction")
+    return out
 
 
 def read_ranges(filesystem, path: str, ranges: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:

@@ -136,7 +136,12 @@ def fingerprint(index: TrainIndex, data_cfg) -> dict:
     return {"shards": [index.url_of(g) for g in range(len(index.shards))],
             "counts": [int(c) for c in index.counts()],
             "sources": [[n, float(w)] for n, w in zip(index.names, index.weights, strict=True)],
-            "config": {k: getattr(data_cfg, k) for k in PLAN_KEYS}}
+            "config": {k: getattr(data_cfg, k) for k in PLAN_KEYS + _fraction_keys(data_cfg)}}
+
+
+def _fraction_keys(data_cfg) -> tuple[str, ...]:
+    """The subset's keys, only where there is a subset (checkpoints from before the option match)."""
+    return ("train_fraction", "train_fraction_seed") if getattr(data_cfg, "train_fraction", 1.0) < 1 else ()
 
 
 def _some(items: list[str], n: int = 3) -> str:

@@ -46,16 +46,18 @@ def train_index(cfg: ExperimentConfig, prep: Prepared | None = None):
     """The :class:`~cliplab.data.index.TrainIndex` of the training sources (built once per
     process, and per shard cached on disk), resolving the sources again if ``prep`` lacks them."""
     from cliplab.data.decode import Limits
-    from cliplab.data.index import build_train_index
+    from cliplab.data.index import build_train_index, subsample
 
     specs = cfg.data.train_sources()
     limits = Limits.of(cfg.data)
-    key = (tuple((s.url, s.weight, s.name) for s in specs), cfg.data.s3, limits)
+    key = (tuple((s.url, s.weight, s.name) for s in specs), cfg.data.s3, limits,
+           cfg.data.train_fraction, cfg.data.train_fraction_seed)
     if key not in _INDEXES:
         sets = prep.sources if prep is not None and len(prep.sources) == len(specs) else \
             tuple(resolve_shards(s.url, cfg.data.s3) for s in specs)
-        _INDEXES[key] = build_train_index([(s.name, s.weight, shards) for s, shards in zip(specs, sets, strict=True)],
-                                          limits=limits)
+        full = build_train_index([(s.name, s.weight, shards) for s, shards in zip(specs, sets, strict=True)],
+                                 limits=limits)
+        _INDEXES[key] = subsample(full, cfg.data.train_fraction, cfg.data.train_fraction_seed)
     return _INDEXES[key]
 
 
