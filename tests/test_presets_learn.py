@@ -8,6 +8,10 @@ so captions that share a concept are similar. X-CLR trains the image tower only 
 share templates, with fresh noise), so it is scored view → view; the others image → text, each in
 its own geometry (``objective.embed`` / ``objective.similarity``). Every preset runs the same
 optimizer recipe, at its own defaults otherwise.
+
+The recipe's other half (``cliplab.experiments.LIT_RECIPE``): on a locked all-MiniLM-L6-v2 text
+tower, SigLIP and CLOOB learn at CLIP's lr, where with both towers free they end on their
+collapsed plateaus (the reason their presets scale the lr by 0.1; docs/RESULTS.md).
 """
 
 import itertools

@@ -49,11 +49,13 @@ def test_versus_clip_writes_its_verdicts_into_results_md(tmp_path):
     sweep = load_sweep(Path(__file__).parents[1] / "sweeps" / "versus_clip.py", [])
     assert sweep.num_trials == 9 and sweep.base.model.lock_text and sweep.base.objective.lr_scale == 1.0
     rows = [{"trial": f"t{i}", "objective.name": name, "train.seed": seed, "val/image_to_text_R1": r,
-             "val/text_to_image_R1": r, "val/zeroshot_top1": 0.2}
+             "val/text_to_image_R1": r, "val/zeroshot_top1": 0.2, "val/retrieval_chance_R1": 1 / 189,
+             "val/num_samples": 189.0, "val/zeroshot_num_classes": 9.0}
             for i, (name, seed, r) in enumerate([(n, s, base + 0.01 * s) for n, base in
                                                  (("clip", 0.08), ("cloob", 0.02), ("siglip", 0.03)) for s in range(3)])]
     files = write_results(sweep, rows, {}, tmp_path)
     text = files["md"].read_text()
     assert text.count("does not hold at this scale") == 4  # cloob and siglip, R@1 both ways
     assert text.count("inconclusive") == 2  # zero-shot: identical everywhere, zero-width intervals
+    assert "chance: R@1 = 0.0053 (189 val pairs), zero-shot = 0.1111 (9 classes)" in text
     assert any(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())

@@ -40,12 +40,8 @@ def outcome_text(sweep, outcome) -> str:
     """A finished sweep for the terminal (``cliplab sweep``, the demo): the table, chance levels,
     the sweep's own summary, the best trial, what was registered, the files and trial errors."""
     lines = [results_table(sweep, outcome.rows)]
-    if outcome.rows and "val/retrieval_chance_R1" in outcome.rows[0]:
-        r = outcome.rows[0]
-        chance_zs = 1 / r["val/zeroshot_num_classes"] if r.get("val/zeroshot_num_classes") else None
-        lines.append(f"chance: R@1 = {r['val/retrieval_chance_R1']:.4f} ({int(r['val/num_samples'])} val pairs)"
-                     + (f", zero-shot = {chance_zs:.4f} ({int(r['val/zeroshot_num_classes'])} classes)"
-                        if chance_zs else ""))
+    if chance_text(outcome.rows):
+        lines.append(chance_text(outcome.rows))
     if sweep.summarize and outcome.rows:
         lines.append(sweep.summarize(outcome.rows))
     if outcome.best:
@@ -62,6 +58,16 @@ def outcome_text(sweep, outcome) -> str:
     return "\n".join(lines)
 
 
+def chance_text(rows: list[dict[str, Any]]) -> str:
+    """The val split's chance levels (retrieval R@1, zero-shot top-1), or "" when not reported."""
+    if not rows or "val/retrieval_chance_R1" not in rows[0]:
+        return ""
+    r = rows[0]
+    chance_zs = 1 / r["val/zeroshot_num_classes"] if r.get("val/zeroshot_num_classes") else None
+    return (f"chance: R@1 = {r['val/retrieval_chance_R1']:.4f} ({int(r['val/num_samples'])} val pairs)"
+            + (f", zero-shot = {chance_zs:.4f} ({int(r['val/zeroshot_num_classes'])} classes)" if chance_zs else ""))
+
+
 def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     cols = table_columns(sweep)
@@ -74,7 +80,8 @@ def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out
     hypothesis = (sweep.hypothesis or "").strip().splitlines()
     summary = f"\n{sweep.summarize(rows)}\n" if sweep.summarize and rows else ""  # e.g. mean ± std over seeds
     files["md"].write_text(f"# sweep {sweep.name}\n\n" + (f"{hypothesis[0]}\n\n" if hypothesis else "")
-                           + results_table(sweep, rows) + "\n" + summary)
+                           + results_table(sweep, rows) + "\n"
+                           + (f"\n{chance_text(rows)}\n" if chance_text(rows) else "") + summary)
     files.update(plot_all(sweep, rows, curves, out / "plots"))
     return files
 
