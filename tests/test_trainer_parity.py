@@ -5,6 +5,7 @@ step, on the CPU."""
 
 import json
 import math
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -358,3 +359,26 @@ def test_a_tab_separated_table_is_sniffed_and_builds_shards(tmp_path):
     assert stats["samples"] == 4 and not stats["skipped"]
     (tmp_path / "comma.csv").write_text("image,caption\n" + "".join(f"im{i}.png,square {i}\n" for i in range(4)))
     assert sniff_separator(tmp_path / "comma.csv") == ","
+
+
+def test_a_locked_hugging_face_text_tower_exports_and_reloads_in_plain_open_clip(tmp_path):
+    """The LiT recipe's model (cliplab-tiny-minilm, its text tower all-MiniLM-L6-v2 resolved to
+    the offline package): the export's config is JSON (the registry writes it; a Path in it
+    crashed the demo's registration) and plain open_clip reproduces the trained logits."""
+    from cliplab.tracking.registry import write_open_clip_export
+
+    cfg = with_overrides(_cfg("clip"), {"model.name": "cliplab-tiny-minilm", "model.lock_text": True})
+    bundle, module, optimizer, scheduler, batch, _ = _train(cfg, steps=2)
+    ckpt.save_checkpoint(tmp_path / "ckpt", module, optimizer, scheduler, step=2, epoch=0, cfg=cfg)
+    export = write_open_clip_export(tmp_path / "ckpt", tmp_path / "export")
+    text_cfg = json.loads((export / "cliplab-tiny-minilm.json").read_text())["text_cfg"]
+    assert Path(text_cfg["hf_model_name"], "config.json").is_file()  # the offline copy, as a plain string
+    plain = open_clip.create_model("cliplab-tiny-minilm", pretrained=str(export / "model.pt")).eval()
+    module = module.eval()
+    with torch.no_grad():
+        logits, _ = plain.get_logits(batch["image"], batch["text"])
+        obj = module.objective
+        x = obj.embed(module.model.encode_image(batch["image"]), "image")
+        y = obj.embed(module.model.encode_text(batch["text"]), "text")
+        expected = obj.similarity(x, y) * obj.log_scale.exp()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)

@@ -44,7 +44,7 @@ def offline_hf_path(name: str) -> str:
         return name
     module, dist = OFFLINE_HF_MODELS[name]
     try:
-        return importlib.import_module(module).get_model_path()
+        return str(importlib.import_module(module).get_model_path())  # a str: configs are written as JSON
     except ImportError as e:
         raise ConfigError(f"text tower {name} ships in the '{dist}' package, which is not installed: "
                           f"pip install {dist}") from e
