@@ -4,14 +4,15 @@ Hypothesis: on a small corpus and a short budget the objectives that add structu
 retrieval, X-CLR's soft targets) beat plain CLIP on retrieval, while MERU matches CLIP on retrieval
 and SigLIP trails slightly at this batch size. The summary reports mean ± std over seeds of val
 R@1 (both directions) and zero-shot top-1 per objective, so one lucky seed can't decide it.
-X-CLR needs `cliplab data embed-captions` on the train shards first.
+Every trial runs `cliplab.experiments.LIT_RECIPE`, the demo's recipe (`sweeps/demo.py`). X-CLR
+needs `cliplab data embed-captions` on the train shards first.
 """
 
 import statistics
 
 from ray import tune
 
-from cliplab.experiments import emoji_base
+from cliplab.experiments import emoji_base, lit
 from cliplab.report import markdown_table
 from cliplab.tune import NoScheduler, Sweep
 
@@ -35,7 +36,7 @@ def summarize(rows: list[dict]) -> str:
 
 
 SWEEP = Sweep(
-    base=emoji_base("shootout"),
+    base=lit(emoji_base("shootout")),
     space={
         "objective.name": tune.grid_search(["clip", "siglip", "cloob", "meru", "xclr"]),
         "train.seed": tune.grid_search([0, 1, 2]),
