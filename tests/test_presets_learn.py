@@ -133,7 +133,7 @@ def test_the_minilm_text_tower_is_the_offline_sentence_encoder_and_locks_all_but
     torch.testing.assert_close(ours.double(), reference.double(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["clip", "siglip", "cloob"])
+@pytest.mark.parametrize("preset", ["siglip", "cloob"])  # CLIP learns on it too (docs/RESULTS.md); kept out for time
 def test_on_a_locked_pretrained_text_tower_siglip_and_cloob_learn_at_clips_lr_and_the_tower_stays(preset):
     """cliplab.experiments.LIT_RECIPE: with both towers free, SigLIP and CLOOB collapse at lr 2e-3
     (their presets scale it by 0.1); with the text tower locked they learn at the full lr."""
