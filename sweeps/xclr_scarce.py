@@ -14,12 +14,11 @@ objective's mean ± std and X-CLR's difference from CLIP with a Welch 95% interv
 from ray import tune
 
 from cliplab.config import with_overrides
-from cliplab.experiments import emoji_base, lit
+from cliplab.experiments import VAL_METRICS, emoji_base, lit
 from cliplab.report import versus_table
 from cliplab.tune import NoScheduler, Sweep
 
-METRICS = {"val R@1 (i→t)": "val/image_to_text_R1", "val R@1 (t→i)": "val/text_to_image_R1",
-           "zero-shot top-1": "val/zeroshot_top1"}
+METRICS = VAL_METRICS
 
 
 def summarize(rows: list[dict]) -> str:

@@ -33,6 +33,11 @@ def emoji_base(name: str = "demo") -> ExperimentConfig:
     )
 
 
+# What the claim sweeps compare (label → the trial's metric): val retrieval both ways and zero-shot
+VAL_METRICS = {"val R@1 (i→t)": "val/image_to_text_R1", "val R@1 (t→i)": "val/text_to_image_R1",
+               "zero-shot top-1": "val/zeroshot_top1"}
+
+
 # The recipe in which every preset learns at this scale (issue 17): a locked pretrained text tower
 # (LiT with all-MiniLM-L6-v2, the sentence encoder that ships offline) under a tiny ViT that pools
 # its patch tokens, at the demo's lr for every preset. Measured on the fixed set of
