@@ -56,11 +56,11 @@ def versus(rows: Sequence[dict[str, Any]], *, by: str, baseline: Any, metric: st
 
 def versus_table(rows: Sequence[dict[str, Any]], *, by: str, baseline: Any, metrics: dict[str, str]) -> str:
     """:func:`versus` for several metrics (label → row key) as one Markdown table."""
+    ci = f"− {baseline} (95% CI)"
     lines = []
     for label, metric in metrics.items():
         for r in versus(rows, by=by, baseline=baseline, metric=metric):
-            interval = (f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]" if "diff" in r else "-")
             lines.append({"metric": label, by: r[by], "seeds": r["n"], "mean ± std": f"{r['mean']:.4f} ± {r['std']:.4f}",
-                          f"− {baseline} (95% CI)": interval, "verdict": r.get("verdict", "(baseline)")})
-    return markdown_table(lines, [("metric", "metric"), (by, by), ("seeds", "seeds"), ("mean ± std", "mean ± std"),
-                                  (f"− {baseline} (95% CI)", f"− {baseline} (95% CI)"), ("verdict", "verdict")])
+                          ci: f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]" if "diff" in r else "-",
+                          "verdict": r.get("verdict", "(baseline)")})
+    return markdown_table(lines, [(key, key) for key in ("metric", by, "seeds", "mean ± std", ci, "verdict")])

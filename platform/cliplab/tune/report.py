@@ -40,8 +40,9 @@ def outcome_text(sweep, outcome) -> str:
     """A finished sweep for the terminal (``cliplab sweep``, the demo): the table, chance levels,
     the sweep's own summary, the best trial, what was registered, the files and trial errors."""
     lines = [results_table(sweep, outcome.rows)]
-    if chance_text(outcome.rows):
-        lines.append(chance_text(outcome.rows))
+    chance = chance_text(outcome.rows)
+    if chance:
+        lines.append(chance)
     if sweep.summarize and outcome.rows:
         lines.append(sweep.summarize(outcome.rows))
     if outcome.best:
@@ -78,10 +79,10 @@ def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out
         for row in table_rows(sweep, rows):
             writer.writerow([row.get(key, "") for _, key in cols])
     hypothesis = (sweep.hypothesis or "").strip().splitlines()
+    chance = chance_text(rows)
     summary = f"\n{sweep.summarize(rows)}\n" if sweep.summarize and rows else ""  # e.g. mean ± std over seeds
     files["md"].write_text(f"# sweep {sweep.name}\n\n" + (f"{hypothesis[0]}\n\n" if hypothesis else "")
-                           + results_table(sweep, rows) + "\n"
-                           + (f"\n{chance_text(rows)}\n" if chance_text(rows) else "") + summary)
+                           + results_table(sweep, rows) + "\n" + (f"\n{chance}\n" if chance else "") + summary)
     files.update(plot_all(sweep, rows, curves, out / "plots"))
     return files
 
