@@ -65,6 +65,28 @@ def test_asha_stops_weak_trials_and_the_sweep_leaves_a_table_plots_and_parent_ch
     assert float(version.tags["metric.train/loss"]) == pytest.approx(outcome.best["train/loss"])
 
 
+def test_each_trial_runs_the_epochs_of_its_own_data(tmp_path, s3_server, mlflow_server, ray_cluster):
+    """Steps per epoch depend on the trial's data.train_fraction, batch and workers. They were
+    computed once from the sweep's base, so a 30% trial ran the full data's epoch (repeating its
+    samples to fill it) and a trial whose epoch was shorter than the base's was never "completed"."""
+    from cliplab.config import with_overrides
+    from cliplab.train.launch import steps_per_epoch
+    from cliplab.tune import NoScheduler, Sweep, run_sweep
+
+    base = experiment(tmp_path, s3_server, mlflow_server, **{
+        "train.max_steps": None, "train.epochs": 1, "train.num_workers": 1, "train.checkpoint_every": 1000,
+        "data.batch_size": 32, "tracking.experiment": "trial-steps"})
+    fractions = (0.3, 1.0)
+    sweep = Sweep(base=base, space={"data.train_fraction": tune.grid_search(list(fractions))},
+                  scheduler=NoScheduler(), name="trial-steps")
+    outcome = run_sweep(sweep, register=False)
+    assert not outcome.errors
+    expected = {f: steps_per_epoch(with_overrides(base, {"data.train_fraction": f})) for f in fractions}
+    assert 1 <= expected[0.3] < expected[1.0]
+    got = {r["data.train_fraction"]: (r["step"], r["stop_reason"]) for r in outcome.rows}
+    assert got == {f: (n, "completed") for f, n in expected.items()}
+
+
 def _screenshot_has_curves(url: str, png: Path) -> None:
     """Headless Chromium (Debian's) renders the page; the chart area must hold curves in several
     colours (one per trial), not just an empty frame."""

@@ -183,9 +183,12 @@ def _scan_in_threads(items, filesystem, *, workers: int, progress: bool, desc: s
 
 def _scan_on_ray(items, filesystem, *, workers: int, progress: bool, desc: str, limits: Limits) -> list[ShardIndex]:
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     from tqdm import tqdm
 
-    task = ray.remote(num_cpus=0.25, max_retries=2)(scan_shard).options(name="scan_shard")
+    # outside any placement group: a sweep's trial indexes its own data from inside Tune's (a sliver of CPU)
+    task = ray.remote(num_cpus=0.25, max_retries=2)(scan_shard).options(
+        name="scan_shard", scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     fs_ref = ray.put(filesystem)
     refs = [task.remote(path, fs_ref, url, limits) for path, url in items]
     pending = list(refs)

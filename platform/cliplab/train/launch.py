@@ -100,12 +100,13 @@ def build_datasets(prep: Prepared) -> dict[str, Any]:
     return datasets
 
 
-def steps_per_epoch(cfg: ExperimentConfig, shards: ShardSet | None = None) -> int:
+def steps_per_epoch(cfg: ExperimentConfig, prep: Prepared | None = None) -> int:
     """Optimizer steps per epoch: every rank gets an equal slice of the epoch's samples and
-    drops its last partial batch. Counts usable samples from the shard index."""
+    drops its last partial batch. Counts usable samples from the shard index (after
+    ``data.train_fraction``), so it depends on the data keys, the batch and the workers."""
     from cliplab.data import plan
 
-    index = train_index(cfg)
+    index = train_index(cfg, prep)
     steps = plan.steps_per_epoch(index, cfg.train.num_workers, cfg.data.batch_size)
     if steps < 1:
         rows = int(index.counts().sum())
@@ -113,6 +114,13 @@ def steps_per_epoch(cfg: ExperimentConfig, shards: ShardSet | None = None) -> in
                         f"{cfg.data.batch_size} per worker × {cfg.train.num_workers} workers; "
                         "lower data.batch_size or add data")
     return steps
+
+
+def planned_steps(cfg: ExperimentConfig, prep: Prepared | None = None) -> int:
+    """The step a run of ``cfg`` ends at when nothing stops it early: ``train.max_steps``, or
+    the end of ``train.epochs``, whichever comes first."""
+    by_epochs = cfg.train.epochs * steps_per_epoch(cfg, prep)
+    return min(cfg.train.max_steps, by_epochs) if cfg.train.max_steps else by_epochs
 
 
 def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps: int,
@@ -191,7 +199,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, name: str
     check_resume(cfg, name, train_index(cfg, prep), allow_data_change=allow_data_change)
     init_ray(address)
     datasets = build_datasets(prep)
-    steps = steps_per_epoch(cfg, prep.train)
+    steps = steps_per_epoch(cfg, prep)
     trainer = build_trainer(prep, name=name, datasets=datasets, steps=steps,
                             extra={"allow_data_change": allow_data_change})
     try:

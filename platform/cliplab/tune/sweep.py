@@ -200,20 +200,22 @@ def _enumerable_points(space: dict[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
-def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict, steps: int, sweep: str,
+def _trial(params: dict[str, Any], *, base: ExperimentConfig, prep_fields: dict, sweep: str,
            parent_run_id: str | None, allow_data_change: bool = False) -> None:
     """The Tune trainable: one TorchTrainer per trial, reporting through TuneReportCallback.
-    Its Ray Train run is named after the trial, so a restarted trial resumes from its checkpoint."""
+    Its Ray Train run is named after the trial, so a restarted trial resumes from its checkpoint.
+    Its steps per epoch are its own: a trial may change the batch, the workers or the data."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cliplab.train.launch import Prepared, build_datasets, build_trainer
+    from cliplab.train.launch import Prepared, build_datasets, build_trainer, steps_per_epoch
     from cliplab.train.protocol import STOPPED
 
     cfg = with_overrides(base, params)
     trial = tune.get_context().get_trial_name()
     prep = Prepared(cfg=cfg, **prep_fields)
-    trainer = build_trainer(prep, name=f"{sweep}-{trial}", datasets=build_datasets(prep), steps=steps,
+    trainer = build_trainer(prep, name=f"{sweep}-{trial}", datasets=build_datasets(prep),
+                            steps=steps_per_epoch(cfg, prep),
                             callbacks=[TuneReportCallback()],
                             extra={"trial_name": trial, "sweep": sweep, "parent_run_id": parent_run_id,
                                    "allow_data_change": allow_data_change})
@@ -249,7 +251,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     from ray import tune
 
     from cliplab.ray_connect import init_ray
-    from cliplab.train.launch import preflight, steps_per_epoch, storage_kwargs
+    from cliplab.train.launch import planned_steps, preflight, storage_kwargs
     from cliplab.tune.capacity import wait_for_capacity
     from cliplab.tune.parent import ParentRun
 
@@ -259,15 +261,17 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     init_ray(address)
     wait_for_capacity(sweep.base, min(sweep.max_concurrent_trials, sweep.num_trials) or 1,
                       timeout_s=sweep.scale_up_timeout_s, max_node=sweep.max_node_resources)
-    steps = steps_per_epoch(sweep.base, prep.train)
+    planned_steps(sweep.base, prep)  # the base's index, on the driver: fewer samples than a batch fail here
     storage = storage_kwargs(sweep.base)
     path = sweep_dir(sweep)
     parent = ParentRun.open(sweep, path, resume=resume)
     trainable = tune.with_resources(tune.with_parameters(
-        _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val}, steps=steps, sweep=sweep.name,
+        _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val, "sources": prep.sources},
+        sweep=sweep.name,
         parent_run_id=parent.run_id, allow_data_change=allow_data_change), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
     grid = _tuner(sweep, trainable, path, storage, resume=resume).fit()
-    rows, errors, curves = _collect(grid, sweep, total=sweep.base.train.max_steps or sweep.base.train.epochs * steps)
+    rows, errors, curves = _collect(grid, sweep, total=lambda params: planned_steps(with_overrides(sweep.base, params),
+                                                                                    prep))
     best = _best(rows, sweep)
     if best is None:
         errors = errors or ["no trial reported the metric " + sweep.metric]
@@ -314,9 +318,9 @@ def _tuner(sweep: Sweep, trainable, path: str, storage: dict, *, resume: bool):
     )
 
 
-def _collect(grid, sweep: Sweep, *, total: int) -> tuple[list[dict], list[str], dict]:
-    """One row per trial (its params, last metrics and ``stop_reason``: completed after ``total``
-    steps, error, or stopped early), the errors, and each trial's metrics over time."""
+def _collect(grid, sweep: Sweep, *, total: Callable[[dict], int]) -> tuple[list[dict], list[str], dict]:
+    """One row per trial (its params, last metrics and ``stop_reason``: completed after
+    ``total(params)`` steps, error, or stopped early), the errors, and each trial's metrics over time."""
     from cliplab.train.protocol import STOPPED
 
     rows, errors, curves = [], [], {}
@@ -330,7 +334,7 @@ def _collect(grid, sweep: Sweep, *, total: int) -> tuple[list[dict], list[str], 
         elif metrics.get(STOPPED):
             errors.append(f"{name}: stopped at step {metrics.get('step')}: {metrics[STOPPED]}")
             stop = "error"
-        elif metrics.get("step", 0) >= total:
+        elif metrics.get("step", 0) >= total(params):
             stop = "completed"
         else:
             stop = f"stopped early at epoch {metrics.get('epoch', '?')}"
