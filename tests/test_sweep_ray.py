@@ -32,7 +32,7 @@ def test_asha_stops_weak_trials_and_the_sweep_leaves_a_table_plots_and_parent_ch
     # keeps the top half by train loss, so the later ones stop there
     sweep = Sweep(base=base, space={"optim.lr": tune.grid_search([3e-3, 1e-8, 1.1e-8, 1.2e-8])},
                   metric="train/loss", mode="min", scheduler=ASHA(grace_period=1, reduction_factor=2),
-                  name="asha-test", register_as="asha-model")
+                  name="asha-test", register_as="asha-model", max_concurrent_trials=2)
     outcome = run_sweep(sweep)
     assert not outcome.errors
     assert len(outcome.rows) == 4
@@ -78,7 +78,7 @@ def test_each_trial_runs_the_epochs_of_its_own_data(tmp_path, s3_server, mlflow_
         "data.batch_size": 32, "tracking.experiment": "trial-steps"})
     fractions = (0.3, 1.0)
     sweep = Sweep(base=base, space={"data.train_fraction": tune.grid_search(list(fractions))},
-                  scheduler=NoScheduler(), name="trial-steps")
+                  scheduler=NoScheduler(), name="trial-steps", max_concurrent_trials=2)
     outcome = run_sweep(sweep, register=False)
     assert not outcome.errors
     expected = {f: steps_per_epoch(with_overrides(base, {"data.train_fraction": f})) for f in fractions}

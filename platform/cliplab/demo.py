@@ -23,10 +23,12 @@ BUCKET = "cliplab"
 
 
 def _quick(sweep):
-    """Fewer trials and steps for ``--quick``: the first swept key only, and a short run."""
+    """Fewer trials and steps for ``--quick``: the first swept key only, a short run on one
+    worker, two trials at a time (each trial's start-up, mostly new processes importing torch,
+    is most of a short trial; two of them overlap on two cores)."""
     first = next(iter(sweep.space))
-    base_overrides = {"train.epochs": 1, "train.max_steps": 8}
-    return dataclasses.replace(sweep, space={first: sweep.space[first]},
+    base_overrides = {"train.epochs": 1, "train.max_steps": 8, "train.num_workers": 1}
+    return dataclasses.replace(sweep, space={first: sweep.space[first]}, max_concurrent_trials=2,
                                base=with_overrides(sweep.base, base_overrides))
 
 
