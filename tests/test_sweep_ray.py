@@ -32,7 +32,7 @@ def test_asha_stops_weak_trials_and_the_sweep_leaves_a_table_plots_and_parent_ch
     # keeps the top half by train loss, so the later ones stop there
     sweep = Sweep(base=base, space={"optim.lr": tune.grid_search([3e-3, 1e-8, 1.1e-8, 1.2e-8])},
                   metric="train/loss", mode="min", scheduler=ASHA(grace_period=1, reduction_factor=2),
-                  name="asha-test", register_as="asha-model", max_concurrent_trials=2)
+                  name="asha-test", register_as="asha-model")
     outcome = run_sweep(sweep)
     assert not outcome.errors
     assert len(outcome.rows) == 4
@@ -78,7 +78,7 @@ def test_each_trial_runs_the_epochs_of_its_own_data(tmp_path, s3_server, mlflow_
         "data.batch_size": 32, "tracking.experiment": "trial-steps"})
     fractions = (0.3, 1.0)
     sweep = Sweep(base=base, space={"data.train_fraction": tune.grid_search(list(fractions))},
-                  scheduler=NoScheduler(), name="trial-steps", max_concurrent_trials=2)
+                  scheduler=NoScheduler(), name="trial-steps")
     outcome = run_sweep(sweep, register=False)
     assert not outcome.errors
     expected = {f: steps_per_epoch(with_overrides(base, {"data.train_fraction": f})) for f in fractions}
@@ -173,16 +173,18 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
                              cwd=tmp_path)
     deadline = time.monotonic() + 400
     finished: list = []
-    while time.monotonic() < deadline and first.poll() is None:
-        exp = client.get_experiment_by_name("resume")
-        runs = client.search_runs([exp.experiment_id], "tags.sweep = 'resumable-sweep'") if exp else []
-        finished = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("cliplab.kind") != "sweep"]
-        if finished:
-            break
-        time.sleep(0.5)
+    try:
+        while time.monotonic() < deadline and first.poll() is None:
+            exp = client.get_experiment_by_name("resume")
+            runs = client.search_runs([exp.experiment_id], "tags.sweep = 'resumable-sweep'") if exp else []
+            finished = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("cliplab.kind") != "sweep"]
+            if finished:
+                break
+            time.sleep(0.5)
+    finally:  # the driver dies mid-sweep; also when no trial finished, or its sweep starves the later tests
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
     assert finished, "no trial finished before the deadline"
-    first.send_signal(signal.SIGKILL)  # the driver dies mid-sweep
-    first.wait(timeout=30)
     done_trial = finished[0].data.tags["mlflow.runName"]
 
     proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=os.environ.copy(),
