@@ -270,8 +270,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
         sweep=sweep.name,  # change data.train, so it resolves its own (its index as before, cached per shard)
         parent_run_id=parent.run_id, allow_data_change=allow_data_change), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
     grid = _tuner(sweep, trainable, path, storage, resume=resume).fit()
-    rows, errors, curves = _collect(grid, sweep, total=lambda params: planned_steps(with_overrides(sweep.base, params),
-                                                                                    prep))
+    rows, errors, curves = _collect(grid, sweep, total=lambda params: planned_steps(with_overrides(sweep.base, params)))
     best = _best(rows, sweep)
     if best is None:
         errors = errors or ["no trial reported the metric " + sweep.metric]
