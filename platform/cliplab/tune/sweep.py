@@ -265,9 +265,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     storage = storage_kwargs(sweep.base)
     path = sweep_dir(sweep)
     parent = ParentRun.open(sweep, path, resume=resume)
+    # no resolved sources in prep_fields: a trial may change data.train, so it resolves its own
     trainable = tune.with_resources(tune.with_parameters(
-        _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val},  # no sources: a trial may
-        sweep=sweep.name,  # change data.train, so it resolves its own (its index as before, cached per shard)
+        _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val}, sweep=sweep.name,
         parent_run_id=parent.run_id, allow_data_change=allow_data_change), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
     grid = _tuner(sweep, trainable, path, storage, resume=resume).fit()
     rows, errors, curves = _collect(grid, sweep, total=lambda params: planned_steps(with_overrides(sweep.base, params)))
