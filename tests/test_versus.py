@@ -40,6 +40,15 @@ def test_one_seed_a_side_is_inconclusive_and_missing_metrics_are_left_out():
     assert "(baseline)" in table and "inconclusive" in table
 
 
+def test_an_undefined_value_is_left_out_like_a_missing_one():
+    """A lens with nothing to measure reports NaN (a traversal precision with no traversal that
+    reached an ancestor); statistics.stdev raised AttributeError on it and lost a sweep's summary."""
+    rows = _rows("clip", (0.04, 0.05, float("nan"))) + _rows("x", (0.9, 0.8, float("inf")))
+    out = {r["objective.name"]: r for r in versus(rows, by="objective.name", baseline="clip", metric="m")}
+    assert (out["clip"]["n"], out["x"]["n"]) == (2, 2)
+    assert out["clip"]["mean"] == pytest.approx(0.045) and out["x"]["mean"] == pytest.approx(0.85)
+
+
 def test_versus_clip_writes_its_verdicts_into_results_md(tmp_path):
     from pathlib import Path
 

@@ -27,13 +27,14 @@ def versus(rows: Sequence[dict[str, Any]], *, by: str, baseline: Any, metric: st
     has: n, mean ± std, the difference of means and its Welch ``confidence`` interval, and a
     verdict on "beats the baseline": *holds* (the interval is above 0), *does not hold at this
     scale* (below 0) or *inconclusive* (it straddles 0, or fewer than 2 seeds a side)."""
+    import math
     import statistics
 
     from scipy import stats
 
     groups: dict[Any, list[float]] = {}
-    for r in rows:
-        if isinstance(r.get(metric), (int, float)):
+    for r in rows:  # a missing or undefined (NaN, inf) value is left out of its group's n
+        if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric]):
             groups.setdefault(r.get(by), []).append(float(r[metric]))
     base = groups.get(baseline, [])
     out = []
