@@ -78,3 +78,48 @@ def test_ray_processes_of_a_cliplab_driver_do_not_log_rays_own_exclude_resources
     ours = next(line for line in run.stdout.splitlines() if line.startswith("OURS"))
     control = next(line for line in run.stdout.splitlines() if line.startswith("CONTROL"))
     assert ours == "OURS []" and "exclude_resources" in control, (ours, control)
+
+
+STATE_LOOKUP = """
+import sys
+import ray
+from cliplab.ray_connect import init_ray
+
+init_ray(sys.argv[1] if len(sys.argv) > 1 else None)
+
+
+@ray.remote(num_cpus=0)
+def lookup():  # what Ray Train's PlacementGroupCleaner asks, from inside the cluster, about a run's controller
+    from ray.train.v2._internal.state.util import is_actor_alive
+    try:
+        return f"alive={bool(is_actor_alive('ff' * 16, timeout=10))}"
+    except Exception as err:  # the cleaner's monitor thread dies on this, and the run's CPUs leak
+        return f"{type(err).__name__}: {err}"
+
+
+print("LOOKUP", ray.get(lookup.remote()))
+"""
+
+
+@pytest.mark.ray
+def test_with_two_rays_on_the_machine_each_clusters_processes_find_their_own_state_api(ray_cluster, tmp_path):
+    """Ray's state API, asked from inside a cluster, looks for Ray's processes on the machine when it
+    is not told its address, and fails with "Found multiple active Ray instances" where there are
+    two: then Ray Train's PlacementGroupCleaner dies, and a run whose controller is killed (a trial
+    ASHA stops) keeps its CPUs. The fresh-clone `make test` ran beside a sweep and lost both CPUs of
+    its session cluster that way, and its sweep tests starved."""
+    import subprocess
+    import sys
+
+    from cliplab.services import RayService
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with RayService(tmp_path / "other", num_cpus=1):  # a second Ray on this machine
+        joined = subprocess.run([sys.executable, "-c", STATE_LOOKUP, ray_cluster.address], env=env,
+                                capture_output=True, text=True, timeout=300)
+        local = subprocess.run([sys.executable, "-c", STATE_LOOKUP], env=env,  # init_ray starts a local Ray
+                               capture_output=True, text=True, timeout=300)
+    for name, run in (("a cluster cliplab's RayService started", joined), ("a local Ray init_ray started", local)):
+        assert run.returncode == 0, run.stderr[-3000:]
+        line = next(x for x in run.stdout.splitlines() if x.startswith("LOOKUP"))
+        assert line == "LOOKUP alive=False", f"{name}: {line}"

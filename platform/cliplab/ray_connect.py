@@ -16,6 +16,32 @@ QUIET_RAY_WARNINGS = "ignore:`ExecutionOptions.exclude_resources` is deprecated"
 DRIVER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": QUIET_RAY_WARNINGS}
 
 
+# Ray's state API (``ray.util.state``) finds its cluster from RAY_API_SERVER_ADDRESS, else
+# RAY_ADDRESS, else by looking for Ray's processes on the machine, and fails with "Found multiple
+# active Ray instances" where it finds two. Ray Train's PlacementGroupCleaner asks it, from inside
+# the cluster, whether a run's controller is alive; when the lookup fails its monitor thread dies,
+# and a run whose controller is killed (a trial ASHA stops, a driver killed mid-sweep) keeps its
+# placement group, and its CPUs, for as long as the cluster lives. So the clusters cliplab starts
+# tell their processes where their own dashboard is.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def _local_start_env() -> tuple[dict[str, str], dict]:
+    """The runtime env and ``ray.init`` arguments for a Ray that ``ray.init`` is about to start
+    here (none when it would join a running one): a dashboard port picked now, and its URL."""
+    from ray._private import services
+
+    try:
+        if services.canonicalize_bootstrap_address(None) is not None:
+            return {}, {}  # ray.init joins the cluster it found
+    except Exception:  # noqa: BLE001 (ray.init reports whatever is wrong, as it always did)
+        return {}, {}
+    from cliplab.services.base import free_ports
+
+    port = free_ports(1)[0]
+    return {API_SERVER_ENV: f"http://127.0.0.1:{port}"}, {"dashboard_port": port}
+
+
 def driver_env() -> dict[str, str]:
     """:data:`DRIVER_ENV`, keeping the filters of a ``PYTHONWARNINGS`` the user set."""
     user = os.environ.get("PYTHONWARNINGS")
@@ -34,5 +60,10 @@ def init_ray(address: str | None = None) -> None:
     # inside a Ray job (`ray job submit`, KubeRay) the job's runtime env rules: Ray refuses a driver
     # runtime env that sets a variable the job's env sets too
     inside_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="WARNING",
-             **({} if inside_job else {"runtime_env": {"env_vars": driver_env()}}))
+    address = address or os.environ.get("RAY_ADDRESS")
+    if inside_job:
+        ray.init(address=address, logging_level="WARNING")
+        return
+    local_env, local_args = _local_start_env() if not address else ({}, {})
+    ray.init(address=address, logging_level="WARNING", runtime_env={"env_vars": {**driver_env(), **local_env}},
+             **local_args)

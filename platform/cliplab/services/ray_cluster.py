@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from cliplab.errors import ServiceError
+from cliplab.ray_connect import API_SERVER_ENV
 from cliplab.services.base import Service, free_ports, port_open, venv_binary
 
 
@@ -50,8 +51,11 @@ class RayService(Service):
         return self
 
     def environment(self) -> dict[str, str]:
+        # API_SERVER_ENV: every process of this cluster finds its own dashboard for Ray's state API
+        # (cliplab.ray_connect explains why); not in env(), so a driver that joins another
+        # cluster later does not carry it
         return {**super().environment(), "RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-                "RAY_USAGE_STATS_ENABLED": "0"}
+                "RAY_USAGE_STATS_ENABLED": "0", API_SERVER_ENV: self.dashboard_url}
 
     def healthy(self) -> bool:
         if not port_open(self.port):
