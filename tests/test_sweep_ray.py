@@ -249,6 +249,36 @@ def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
     assert promote.returncode == 0 and client.get_model_version_by_alias("promotion-test", "champion").version == "2"
 
 
+def test_an_mlflow_down_at_registration_keeps_the_results_and_says_how_to_register(tmp_path, monkeypatch):
+    """The sweep's trials are done when it registers the best one: an MLflow that is down then
+    raised a bare MlflowException out of `cliplab sweep` and the demo, after the training."""
+    from cliplab.checkpoint import save_checkpoint
+    from cliplab.config import ExperimentConfig, with_overrides
+    from cliplab.models import DualEncoder, build_model
+    from cliplab.objectives import build_objective
+    from cliplab.services.base import free_ports
+    from cliplab.train.step import build_optimizer, cosine_with_warmup
+    from cliplab.tune import Sweep
+    from cliplab.tune.report import outcome_text
+    from cliplab.tune.sweep import SweepOutcome, register_best
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = f"http://127.0.0.1:{free_ports(1)[0]}"
+    cfg = with_overrides(ExperimentConfig(), {"tracking.uri": down})
+    bundle = build_model(cfg.model)
+    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
+    opt = build_optimizer(module, cfg.optim)
+    ckpt = save_checkpoint(tmp_path / "ckpt", module, opt, cosine_with_warmup(opt, 1, 10), step=1, epoch=0, cfg=cfg)
+    sweep = Sweep(base=cfg, space={}, register_as="m", name="s")
+    best = {"trial": "trial_1", "checkpoint_path": str(ckpt), "val/image_to_text_R1": 0.5}
+    registered, error = register_best(sweep, best)
+    assert registered is None and error.startswith("registering the best trial trial_1 as 'm' failed: ")
+    assert "Connection refused" in error or "Max retries exceeded" in error, error  # MLflow's failure, not ours
+    assert str(ckpt) in error and "--resume" in error
+    text = outcome_text(sweep, SweepOutcome([], best, registration_error=error))
+    assert f"registration failed: {error}" in text.splitlines()
+
+
 def test_optuna_proposes_every_trial_and_learns_each_result_on_ray_tune(tmp_path, ray_cluster, monkeypatch):
     """Optuna() on a real Tune run: the trials' values come from Optuna's study, every finished
     trial's metric reaches it, and reports without the metric (cliplab's pre-eval reports) are

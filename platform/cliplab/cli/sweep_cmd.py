@@ -56,4 +56,4 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_sweep(sweep, address=args.address, register=not args.no_register, resume=args.resume,
                         allow_data_change=args.allow_data_change)
     print(outcome_text(sweep, outcome))
-    return 0 if outcome.best and not outcome.errors else 1
+    return 0 if outcome.best and not outcome.errors and not outcome.registration_error else 1

@@ -53,6 +53,8 @@ def outcome_text(sweep, outcome) -> str:
                      f"{reg['model_uri']}")
         if reg.get("decision"):
             lines.append(f"promotion: {reg['decision']}")
+    if outcome.registration_error:
+        lines.append(f"registration failed: {outcome.registration_error}")
     if outcome.files:
         lines.append(f"results: {outcome.files['md']} (and .csv, plots/)")
     lines += [f"trial error: {err}" for err in outcome.errors]

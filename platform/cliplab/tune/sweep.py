@@ -151,6 +151,7 @@ class SweepOutcome:
     errors: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)  # results table (csv, md) and plots
     parent_run_id: str | None = None
+    registration_error: str | None = None  # the best trial trained but could not be registered
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -275,13 +276,29 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     if best is None:
         errors = errors or ["no trial reported the metric " + sweep.metric]
     files = _write_results(sweep, rows, curves, path, errors)
-    registered = None
+    registered, registration_error = None, None
     if best is not None and register and sweep.register_as:
-        from cliplab.tune.promote import register_and_promote
-
-        registered = register_and_promote(sweep, best)
+        registered, registration_error = register_best(sweep, best)
     parent.finish(sweep, rows, best, files, registered)
-    return SweepOutcome(rows, best, registered, errors, files=files, parent_run_id=parent.run_id)
+    return SweepOutcome(rows, best, registered, errors, files=files, parent_run_id=parent.run_id,
+                        registration_error=registration_error)
+
+
+def register_best(sweep: Sweep, best: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """Register and promote the best trial (:func:`cliplab.tune.promote.register_and_promote`).
+    An MLflow that fails at this point costs the registration, not the sweep's results:
+    ``(None, what happened and what to do)``."""
+    from mlflow.exceptions import MlflowException
+
+    from cliplab.tune.promote import register_and_promote
+
+    try:
+        return register_and_promote(sweep, best), None
+    except (MlflowException, OSError) as err:  # requests' connection errors are OSErrors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        return None, (f"registering the best trial {best.get('trial')} as '{sweep.register_as}' failed: {reason}. "
+                      f"Its checkpoint is kept ({best.get('checkpoint_path')}); once MLflow answers, run the same "
+                      "command again with --resume: finished trials are kept and the best one is registered")
 
 
 def _tuner(sweep: Sweep, trainable, path: str, storage: dict, *, resume: bool):
