@@ -14,7 +14,8 @@ On the same shards, model, global batch, steps and seed, one after another:
     in a background thread), the same global batch in one rank, ``train_step`` with all cores.
 (c) **open_clip_train**: ``open_clip_train.main`` once per trial, one after another (its CLIP loss,
     ``--siglip`` for SigLIP: it has no CLOOB, MERU or X-CLR, so those trials run its CLIP loss at
-    the same cost), one process with the global batch, ``--workers 1``, no val, fp32, reading the
+    the same cost; ``--lock-text`` where the trial locks its text tower, as the LiT recipe does),
+    one process with the global batch, ``--workers 1``, no val, fp32, reading the
     same training samples as image files and a TSV (its ``csv`` dataset; see :func:`csv_corpus`).
 
 Prints a Markdown table and the ratios a/b and a/c; ``--out`` appends it to a file.
@@ -173,12 +174,17 @@ def open_clip_trial(cfg, corpus: Path, workdir: Path) -> float:
             "--lr", str(cfg.optim.lr), "--wd", str(cfg.optim.weight_decay), "--warmup", str(cfg.optim.warmup_steps),
             "--seed", str(cfg.train.seed), "--logs", str(workdir / "open_clip_logs"),
             "--name", f"{cfg.objective.name}-{time.time_ns()}", "--save-frequency", "0", "--report-to", "",
-            "--log-every-n-steps", "100", *(["--siglip"] if cfg.objective.name == "siglip" else [])]
-    code = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-            "from open_clip_train.main import main; main(sys.argv[2:])")
+            "--log-every-n-steps", "100", *(["--siglip"] if cfg.objective.name == "siglip" else []),
+            # LiT (cliplab's model.lock_text): open_clip's own text-tower lock, the projection trainable
+            *(["--lock-text", "--lock-text-unlocked-layers", "0"] if cfg.model.lock_text else [])]
+    # cliplab's bundled configs (cliplab-tiny, the LiT recipe's cliplab-tiny-minilm), with their
+    # Hugging Face text tower pointed at the offline copy, as cliplab registers them
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from cliplab.models import _register_bundled_configs; "
+            "_register_bundled_configs(); from open_clip_train.main import main; main(sys.argv[2:])")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, str(CONFIG_DIR), *argv], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
+    proc = subprocess.run([sys.executable, "-c", code, str(CONFIG_DIR.parents[1]), *argv], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count()), "HF_HUB_OFFLINE": "1",
+                                          "TRANSFORMERS_OFFLINE": "1"})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"open_clip_train failed:\n{proc.stderr[-3000:]}")
