@@ -18,7 +18,7 @@ from cliplab.train.protocol import STOPPED, data_changed_message, worker_sees_cu
 # Ray Train settings that cliplab's runs default to (a value already in the environment wins;
 # Ray passes them from the process that calls ``fit`` on to the controller and the workers):
 # - the controller polls its workers every 2 s by default, so the start, each report and the end
-#   of every run wait for the next poll; at 0.5 s a short run ends ~2.5 s sooner;
+#   of every run wait for the next poll (up to 2 s each; bench/ray_train_startup.py measures it);
 # - the preemption watcher, one more actor process per run, only logs node drains for
 #   ``ray.train.get_preemption_info``, which cliplab does not read (a drained node's workers die
 #   and the run restarts from its last checkpoint either way), and its start logs an error line.
