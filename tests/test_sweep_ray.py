@@ -211,12 +211,21 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     _check_tensorboard("s3://cliplab/sweeps", "resumable-sweep", expected_trials=3, screenshot=None)  # mirrored
 
 
-def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
+def _untrained_checkpoint(cfg, path):
+    """A real cliplab checkpoint of ``cfg``'s model at step 1 (what a sweep registers)."""
     from cliplab.checkpoint import save_checkpoint
-    from cliplab.config import ExperimentConfig, with_overrides
     from cliplab.models import DualEncoder, build_model
     from cliplab.objectives import build_objective
     from cliplab.train.step import build_optimizer, cosine_with_warmup
+
+    bundle = build_model(cfg.model)
+    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
+    opt = build_optimizer(module, cfg.optim)
+    return save_checkpoint(path, module, opt, cosine_with_warmup(opt, 1, 10), step=1, epoch=0, cfg=cfg)
+
+
+def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
+    from cliplab.config import ExperimentConfig, with_overrides
     from cliplab.tune import Sweep
     from cliplab.tune.promote import better, register_and_promote
 
@@ -224,10 +233,7 @@ def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
     assert better(0.4, 0.5, "min") and not better(0.6, 0.5, "min")
 
     cfg = with_overrides(ExperimentConfig(), {"tracking.uri": mlflow_server.uri, "tracking.experiment": "promote"})
-    bundle = build_model(cfg.model)
-    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
-    opt = build_optimizer(module, cfg.optim)
-    ckpt = save_checkpoint(tmp_path / "ckpt", module, opt, cosine_with_warmup(opt, 1, 10), step=1, epoch=0, cfg=cfg)
+    ckpt = _untrained_checkpoint(cfg, tmp_path / "ckpt")
     sweep = Sweep(base=cfg, space={}, register_as="promotion-test", name="promo")
     client = MlflowClient(mlflow_server.uri)
     decisions = []
@@ -252,12 +258,8 @@ def test_promotion_makes_champion_only_a_better_model(tmp_path, mlflow_server):
 def test_an_mlflow_down_at_registration_keeps_the_results_and_says_how_to_register(tmp_path, monkeypatch):
     """The sweep's trials are done when it registers the best one: an MLflow that is down then
     raised a bare MlflowException out of `cliplab sweep` and the demo, after the training."""
-    from cliplab.checkpoint import save_checkpoint
     from cliplab.config import ExperimentConfig, with_overrides
-    from cliplab.models import DualEncoder, build_model
-    from cliplab.objectives import build_objective
     from cliplab.services.base import free_ports
-    from cliplab.train.step import build_optimizer, cosine_with_warmup
     from cliplab.tune import Sweep
     from cliplab.tune.report import outcome_text
     from cliplab.tune.sweep import SweepOutcome, register_best
@@ -265,10 +267,7 @@ def test_an_mlflow_down_at_registration_keeps_the_results_and_says_how_to_regist
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = f"http://127.0.0.1:{free_ports(1)[0]}"
     cfg = with_overrides(ExperimentConfig(), {"tracking.uri": down})
-    bundle = build_model(cfg.model)
-    module = DualEncoder(bundle.model, build_objective(cfg.objective, bundle.embed_dim))
-    opt = build_optimizer(module, cfg.optim)
-    ckpt = save_checkpoint(tmp_path / "ckpt", module, opt, cosine_with_warmup(opt, 1, 10), step=1, epoch=0, cfg=cfg)
+    ckpt = _untrained_checkpoint(cfg, tmp_path / "ckpt")
     sweep = Sweep(base=cfg, space={}, register_as="m", name="s")
     best = {"trial": "trial_1", "checkpoint_path": str(ckpt), "val/image_to_text_R1": 0.5}
     registered, error = register_best(sweep, best)
