@@ -2,6 +2,7 @@
 against a float64 Welch interval computed here from its textbook formula."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,22 @@ def test_versus_clip_writes_its_verdicts_into_results_md(tmp_path):
     assert text.count("inconclusive") == 2  # zero-shot: identical everywhere, zero-width intervals
     assert "chance: R@1 = 0.0053 (189 val pairs), zero-shot = 0.1111 (9 classes)" in text
     assert any(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())
+
+
+def test_a_sweeps_summary_given_once_is_not_computed_again(tmp_path):
+    """A summary may evaluate every trial's checkpoint (sweeps/meru_entailment.py): run_sweep
+    computes it once for results.md and the terminal; before, both called summarize."""
+    import dataclasses
+
+    from cliplab.tune.report import outcome_text, summary_text, write_results
+    from cliplab.tune.sweep import SweepOutcome, load_sweep
+
+    calls = []
+    sweep = load_sweep(Path(__file__).parents[1] / "sweeps" / "versus_clip.py", [])
+    sweep = dataclasses.replace(sweep, summarize=lambda rows: calls.append(len(rows)) or "THE SUMMARY")
+    rows = [{"trial": "t0", "objective.name": "clip", "train.seed": 0, "val/image_to_text_R1": 0.1}]
+    summary = summary_text(sweep, rows)
+    files = write_results(sweep, rows, {}, tmp_path, summary)
+    text = outcome_text(sweep, SweepOutcome(rows, rows[0], summary=summary))
+    assert calls == [1]
+    assert "THE SUMMARY" in files["md"].read_text() and "THE SUMMARY" in text.splitlines()

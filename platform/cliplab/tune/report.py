@@ -43,8 +43,9 @@ def outcome_text(sweep, outcome) -> str:
     chance = chance_text(outcome.rows)
     if chance:
         lines.append(chance)
-    if sweep.summarize and outcome.rows:
-        lines.append(sweep.summarize(outcome.rows))
+    summary = summary_text(sweep, outcome.rows) if outcome.summary is None else outcome.summary
+    if summary:
+        lines.append(summary)
     if outcome.best:
         lines.append(f"best trial: {outcome.best['trial']} ({sweep.metric} = {outcome.best[sweep.metric]:.4f})")
     if outcome.registered:
@@ -71,7 +72,15 @@ def chance_text(rows: list[dict[str, Any]]) -> str:
             + (f", zero-shot = {chance_zs:.4f} ({int(r['val/zeroshot_num_classes'])} classes)" if chance_zs else ""))
 
 
-def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out: Path) -> dict[str, Path]:
+def summary_text(sweep, rows: list[dict[str, Any]]) -> str:
+    """The sweep's own ``summarize`` over the rows (e.g. mean ± std over seeds), or ""."""
+    return sweep.summarize(rows) if sweep.summarize and rows else ""
+
+
+def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out: Path,
+                  summary: str | None = None) -> dict[str, Path]:
+    """results.csv, results.md and the plots in ``out``; ``summary``: :func:`summary_text`, when
+    the caller has it already (a sweep's summary may evaluate every checkpoint)."""
     out.mkdir(parents=True, exist_ok=True)
     cols = table_columns(sweep)
     files = {"csv": out / "results.csv", "md": out / "results.md"}
@@ -82,7 +91,8 @@ def write_results(sweep, rows: list[dict[str, Any]], curves: dict[str, Any], out
             writer.writerow([row.get(key, "") for _, key in cols])
     hypothesis = (sweep.hypothesis or "").strip().splitlines()
     chance = chance_text(rows)
-    summary = f"\n{sweep.summarize(rows)}\n" if sweep.summarize and rows else ""  # e.g. mean ± std over seeds
+    summary = summary_text(sweep, rows) if summary is None else summary
+    summary = f"\n{summary}\n" if summary else ""
     files["md"].write_text(f"# sweep {sweep.name}\n\n" + (f"{hypothesis[0]}\n\n" if hypothesis else "")
                            + results_table(sweep, rows) + "\n" + (f"\n{chance}\n" if chance else "") + summary)
     files.update(plot_all(sweep, rows, curves, out / "plots"))

@@ -152,6 +152,7 @@ class SweepOutcome:
     files: dict[str, Path] = field(default_factory=dict)  # results table (csv, md) and plots
     parent_run_id: str | None = None
     registration_error: str | None = None  # the best trial trained but could not be registered
+    summary: str | None = None  # the sweep's own summarize(rows), computed once (None: not yet)
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -255,6 +256,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     from cliplab.train.launch import planned_steps, preflight, storage_kwargs
     from cliplab.tune.capacity import wait_for_capacity
     from cliplab.tune.parent import ParentRun
+    from cliplab.tune.report import summary_text
 
     prep = preflight(sweep.base)
     # checkpoint and per-epoch reports come before the first eval, so not every result has the metric
@@ -275,13 +277,14 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     best = _best(rows, sweep)
     if best is None:
         errors = errors or ["no trial reported the metric " + sweep.metric]
-    files = _write_results(sweep, rows, curves, path, errors)
+    summary = summary_text(sweep, rows)  # once: results.md and the terminal share it
+    files = _write_results(sweep, rows, curves, path, errors, summary)
     registered, registration_error = None, None
     if best is not None and register and sweep.register_as:
         registered, registration_error = register_best(sweep, best)
     parent.finish(sweep, rows, best, files, registered)
     return SweepOutcome(rows, best, registered, errors, files=files, parent_run_id=parent.run_id,
-                        registration_error=registration_error)
+                        registration_error=registration_error, summary=summary)
 
 
 def register_best(sweep: Sweep, best: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
@@ -370,14 +373,15 @@ def _best(rows: list[dict], sweep: Sweep) -> dict | None:
     return pick(scored, key=lambda r: r[sweep.metric])
 
 
-def _write_results(sweep: Sweep, rows: list[dict], curves: dict, path: str, errors: list[str]) -> dict:
+def _write_results(sweep: Sweep, rows: list[dict], curves: dict, path: str, errors: list[str],
+                   summary: str | None = None) -> dict:
     """The results table and plots in ``path`` (a remote ``path``: under ``.cliplab/sweeps/``, then
     uploaded beside the sweep's Tune state; a failed upload is appended to ``errors``)."""
     from cliplab.tune import report
 
     remote = "://" in path
     out = Path(".cliplab/sweeps") / sweep.name if remote else Path(path)
-    files = report.write_results(sweep, rows, curves, out)
+    files = report.write_results(sweep, rows, curves, out, summary)
     if remote:  # also beside the sweep's Tune state in the bucket
         try:
             _upload(out, files.values(), path, sweep.base.data.s3)
