@@ -196,6 +196,81 @@ def lock_towers(model: nn.Module, cfg, *, needs_text: bool = True) -> list[str]:
     return [name for name, p in model.named_parameters() if not p.requires_grad]
 
 
+class LockedTextCache:
+    """The pooled output of a locked Hugging Face text trunk, kept per caption, so that a caption
+    seen before skips the trunk and only the trainable projection runs (``model.cache_locked_text``).
+
+    LiT's point is that a locked tower's representations can be computed once. Here that happens
+    lazily, per worker: the first epoch fills the cache and later epochs read it. The trunk runs in
+    eval mode (no dropout), so a cached row equals the trunk's eval-mode output exactly; rows live
+    on the CPU and the least recently used go once ``capacity`` captions are held. Installed on the
+    tower's instance (:func:`cache_locked_text`), so state-dict keys stay open_clip's."""
+
+    def __init__(self, tower: nn.Module, capacity: int) -> None:
+        from collections import OrderedDict
+
+        self.tower, self.capacity = tower, capacity
+        self.rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @torch.compiler.disable
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The trunk's pooled features of each row of ``tokens`` (cached rows, then the misses
+        in one no-grad, eval-mode pass), on ``tokens``' device."""
+        keys = [row.tobytes() for row in tokens.detach().cpu().numpy()]
+        found: dict[bytes, torch.Tensor] = {}
+        for key in keys:
+            if key in self.rows:
+                self.rows.move_to_end(key)
+                found[key] = self.rows[key]
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        if missing:
+            index = torch.tensor([keys.index(k) for k in missing], device=tokens.device)
+            fresh = self._trunk(tokens.index_select(0, index)).cpu()
+            for key, row in zip(missing, fresh, strict=True):
+                found[key] = row
+                self.rows[key] = row
+            while len(self.rows) > self.capacity:
+                self.rows.popitem(last=False)
+        self.hits += len(keys) - sum(k in missing for k in keys)
+        self.misses += sum(k in missing for k in keys)
+        return torch.stack([found[k] for k in keys]).to(tokens.device)
+
+    def _trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        tower = self.tower
+        mask = (tokens != tower.config.pad_token_id).long()
+        was_training = tower.transformer.training
+        tower.transformer.eval()
+        try:
+            with torch.no_grad():
+                return tower.pooler(tower.transformer(input_ids=tokens, attention_mask=mask), mask)
+        finally:
+            tower.transformer.train(was_training)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tower's forward: the trainable projection of the cached pooled features."""
+        return self.tower.proj(self.pooled(tokens))
+
+
+def cache_locked_text(model: nn.Module, capacity: int) -> LockedTextCache:
+    """Install a :class:`LockedTextCache` of up to ``capacity`` captions on ``model``'s text
+    tower, which must be a Hugging Face tower whose trunk is locked whole (``model.lock_text``
+    with no unlocked layers and frozen LayerNorms); a :class:`ConfigError` says what to change."""
+    from open_clip.hf_model import HFTextEncoder
+
+    tower = getattr(model, "text", None)
+    if not isinstance(tower, HFTextEncoder) or tower.output_tokens:
+        raise ConfigError("model.cache_locked_text needs a Hugging Face text tower (e.g. cliplab-tiny-minilm); "
+                          "set it to 0 for this model")
+    if any(p.requires_grad for p in tower.transformer.parameters()):
+        raise ConfigError("model.cache_locked_text needs the whole text trunk locked: set model.lock_text=true, "
+                          "model.lock_text_unlocked_layers=0 and model.lock_text_freeze_layer_norm=true, "
+                          "or model.cache_locked_text=0")
+    cache = LockedTextCache(tower, capacity)
+    tower.forward = cache.forward
+    return cache
+
+
 def inherit_temperature(module: DualEncoder, cfg) -> list[str]:
     """Start the objective from ``model.pretrained``'s learned temperature: open_clip's
     ``logit_scale`` (log s) becomes the objective's s, and a SigLIP checkpoint's ``logit_bias`` its
@@ -242,6 +317,8 @@ def build_dual_encoder(cfg) -> tuple[ModelBundle, DualEncoder]:
     if cfg.model.pretrained:
         inherit_temperature(module, cfg.objective)
     lock_towers(bundle.model, cfg.model, needs_text=module.objective.needs_text)
+    if cfg.model.cache_locked_text and module.objective.needs_text:
+        cache_locked_text(bundle.model, cfg.model.cache_locked_text)
     return bundle, module
 
 

@@ -57,18 +57,30 @@ def _schedule_checks(cfg: ExperimentConfig) -> list[tuple[bool, str]]:
 
 def _lock_checks(m: ModelConfig) -> list[tuple[bool, str]]:
     checks = [(m.lock_image_unlocked_groups >= 0 and m.lock_text_unlocked_layers >= 0,
-               "model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must be >= 0")]
+               "model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must be >= 0"),
+              (m.cache_locked_text >= 0, "model.cache_locked_text must be >= 0 (captions to keep; 0: off)")]
     if m.lock_text and not m.lock_text_freeze_layer_norm:
-        import open_clip
-
-        from cliplab.models import _register_bundled_configs
-
-        _register_bundled_configs()
-        text_cfg = (open_clip.get_model_config(m.name) or {}).get("text_cfg", {})
-        checks.append((bool(text_cfg.get("hf_model_name")),
+        checks.append((_hf_text_tower(m.name),
                        f"model.lock_text_freeze_layer_norm=false needs a Hugging Face text tower; {m.name}'s own "
                        "text transformer locks its LayerNorms with the other weights (leave it true)"))
+    if m.cache_locked_text > 0:
+        checks.append((m.lock_text and m.lock_text_unlocked_layers == 0 and m.lock_text_freeze_layer_norm,
+                       "model.cache_locked_text needs the whole text trunk locked: set model.lock_text=true, "
+                       "model.lock_text_unlocked_layers=0 and model.lock_text_freeze_layer_norm=true, "
+                       "or model.cache_locked_text=0"))
+        checks.append((_hf_text_tower(m.name),
+                       f"model.cache_locked_text needs a Hugging Face text tower (e.g. cliplab-tiny-minilm); {m.name}'s "
+                       "is open_clip's own: set model.cache_locked_text=0"))
     return checks
+
+
+def _hf_text_tower(name: str) -> bool:
+    import open_clip
+
+    from cliplab.models import _register_bundled_configs
+
+    _register_bundled_configs()
+    return bool((open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_model_name"))
 
 
 def validate(cfg: ExperimentConfig) -> None:

@@ -96,6 +96,9 @@ class ModelConfig:
     lock_text: bool = False  # freeze the text tower
     lock_text_unlocked_layers: int = 0  # leave the last n layer groups of a locked text tower trainable
     lock_text_freeze_layer_norm: bool = True  # false: LayerNorms of a locked HF text tower stay trainable
+    # > 0: keep a locked HF text trunk's pooled output for up to this many captions per worker (LRU),
+    # so later epochs skip the trunk (run in eval mode: no dropout); 0: off (models.LockedTextCache)
+    cache_locked_text: int = 0
 
 
 @dataclass(frozen=True)
