@@ -103,3 +103,38 @@ def test_data_build_command_writes_shards_and_prints_a_summary(tmp_path):
     assert "wrote 3 samples" in proc.stdout and "corrupt_image 1" in proc.stdout
     assert (tmp_path / "out" / "train" / "train-000000.tar").is_file()
     assert (tmp_path / "out" / "stats.json").is_file()
+
+
+@pytest.mark.parametrize("address, expected", [
+    (None, r"could not start a local Ray: The current node timed out during startup\. .*`ray stop --force`"),
+    ("10.0.0.9:6379", r"could not connect to Ray at 10\.0\.0\.9:6379: The current node timed out.*`ray status --address"),
+])
+def test_a_ray_that_fails_to_start_or_answer_is_one_line_that_says_what_to_do(monkeypatch, capsys, address, expected):
+    """`cliplab sweep` on a starved machine printed Ray's bare traceback ("The current node timed out
+    during startup"); now every command that reaches Ray gets one line and exit 2."""
+    import os
+
+    import ray
+
+    from cliplab.cli import main as cli_main
+    from cliplab.ray_connect import init_ray
+
+    def refuse(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(Exception, match=expected) as err:
+        init_ray(address)
+    assert type(err.value).__name__ == "ServiceError"
+
+    class Parser:  # a command whose work is to reach Ray, through the CLI's own error handling
+        def parse_args(self, argv):
+            return type("Args", (), {"func": staticmethod(lambda args: init_ray(address))})()
+
+    monkeypatch.setattr(cli_main, "build_parser", Parser)
+    assert cli_main.main([]) == 2
+    out = capsys.readouterr().err
+    assert out.startswith("cliplab: error: could not") and "Traceback" not in out and out.count("\n") == 1

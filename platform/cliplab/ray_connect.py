@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 
+from cliplab.errors import ServiceError
+
 # Ray's own call of its deprecated API: Ray Train's state export (on for the dashboard's Train
 # tab) builds ``DataConfig.default_ingest_options()``, which passes ``exclude_resources`` and warns
 # once per run in the controller's log. cliplab's own options avoid it (launch.ingest_options).
@@ -62,8 +64,21 @@ def init_ray(address: str | None = None) -> None:
     inside_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     address = address or os.environ.get("RAY_ADDRESS")
     if inside_job:
-        ray.init(address=address, logging_level="WARNING")
-        return
-    local_env, local_args = _local_start_env() if not address else ({}, {})
-    ray.init(address=address, logging_level="WARNING", runtime_env={"env_vars": {**driver_env(), **local_env}},
-             **local_args)
+        kwargs: dict = {}
+    else:
+        local_env, local_args = _local_start_env() if not address else ({}, {})
+        kwargs = {"runtime_env": {"env_vars": {**driver_env(), **local_env}}, **local_args}
+    try:
+        ray.init(address=address, logging_level="WARNING", **kwargs)
+    except Exception as err:  # noqa: BLE001 - Ray raises bare Exception, ConnectionError, RuntimeError...
+        raise ServiceError(_init_failure(address, err)) from err
+
+
+def _init_failure(address: str | None, err: BaseException) -> str:
+    """One line for a ``ray.init`` that failed: what was tried, Ray's reason, what to do."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    if address:
+        return (f"could not connect to Ray at {address}: {reason}. Check that the cluster is up "
+                f"(`ray status --address {address}`), or unset RAY_ADDRESS / drop --address to start a local Ray")
+    return (f"could not start a local Ray: {reason}. The machine may be overloaded, or a stale Ray holds its "
+            "ports: run `ray stop --force` and retry, or pass --address of a running cluster")
