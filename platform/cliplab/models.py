@@ -219,21 +219,23 @@ class LockedTextCache:
         in one no-grad, eval-mode pass), on ``tokens``' device."""
         keys = [row.tobytes() for row in tokens.detach().cpu().numpy()]
         found: dict[bytes, torch.Tensor] = {}
-        for key in keys:
+        missing: dict[bytes, int] = {}  # each new caption, at its first row in the batch
+        for i, key in enumerate(keys):
             if key in self.rows:
                 self.rows.move_to_end(key)
                 found[key] = self.rows[key]
-        missing = list(dict.fromkeys(k for k in keys if k not in found))
+            elif key not in missing:
+                missing[key] = i
         if missing:
-            index = torch.tensor([keys.index(k) for k in missing], device=tokens.device)
+            index = torch.tensor(list(missing.values()), device=tokens.device)
             fresh = self._trunk(tokens.index_select(0, index)).cpu()
             for key, row in zip(missing, fresh, strict=True):
                 found[key] = row
                 self.rows[key] = row
             while len(self.rows) > self.capacity:
                 self.rows.popitem(last=False)
-        self.hits += len(keys) - sum(k in missing for k in keys)
-        self.misses += sum(k in missing for k in keys)
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
         return torch.stack([found[k] for k in keys]).to(tokens.device)
 
     def _trunk(self, tokens: torch.Tensor) -> torch.Tensor:
