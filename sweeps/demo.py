@@ -4,8 +4,8 @@ Hypothesis: with a locked pretrained text tower (LiT: all-MiniLM-L6-v2) under a 
 preset learns within 156 steps (12 epochs): val R@1 well above chance both ways and emoji groups
 above chance zero-shot. The locked tower's output is computed once per caption
 (`model.cache_locked_text`), so epochs 2–12 run only the image tower and the text projection and
-twice the steps of the plain recipe fit about the same time. Trained from scratch on both towers, SigLIP and CLOOB collapsed at this lr (every
-embedding the same vector); the locked tower's spread text embeddings anchor one side, so no
+twice the steps of the plain recipe fit about the same time. Trained from scratch on both towers,
+SigLIP and CLOOB collapsed at this lr (every embedding the same vector); the locked tower's spread text embeddings anchor one side, so no
 preset needs a smaller lr (`cliplab.experiments.LIT_RECIPE` says what was measured). Each
 objective runs at its preset's τ, β, λ and curvature (`../shared/objectives.md`) with the same lr,
 steps, batch and seed. The metric is image→text R@1 on the val split; the best trial becomes
