@@ -48,6 +48,32 @@ def test_runs_default_to_a_faster_controller_poll_and_no_preemption_watcher_unle
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
 
 
+UNPICKLE = """
+import sys
+import cloudpickle
+
+cloudpickle.loads(sys.stdin.buffer.read())
+print(sorted(m for m in ("open_clip", "transformers", "torchvision", "cliplab.models") if m in sys.modules))
+"""
+
+
+def test_the_train_function_ray_trains_controller_unpickles_imports_no_model_code(tmp_path):
+    """Ray Train's controller, and a Tune trial's driver, unpickle the per-worker function by
+    reference: its module must not import open_clip, transformers or torchvision (about 1.7 s of
+    CPU on every run's start-up). The workers import them when the function runs."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    train_fn = _trainer(tmp_path).train_loop_per_worker
+    assert train_fn.__module__ == "cliplab.train.launch"
+    out = subprocess.run([sys.executable, "-c", UNPICKLE], input=cloudpickle.dumps(train_fn),
+                         capture_output=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.stdout.decode().strip() == "[]", out.stdout
+    assert callable(cloudpickle.loads(cloudpickle.dumps(train_fn)))
+
+
 QUIET_DRIVER = """
 import sys, warnings
 import ray

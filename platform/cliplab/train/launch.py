@@ -141,7 +141,6 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cliplab.tracking.artifacts import provenance
-    from cliplab.train.worker import train_loop_per_worker
 
     cfg = prep.cfg
     for key, value in RAY_TRAIN_DEFAULTS.items():
@@ -169,6 +168,16 @@ def build_trainer(prep: Prepared, *, name: str, datasets: dict[str, Any], steps:
         # Ray's default ("all") would hand each worker a slice
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()),
     )
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Ray Train's per-worker function: the loop in :mod:`cliplab.train.worker`, imported here, in the
+    worker. Ray Train's controller (and a Tune trial's driver) unpickle this function by reference,
+    so its module must stay light: importing the worker module there (open_clip, transformers,
+    torchvision) would add about 1.7 s of CPU to every run's start-up, on its critical path."""
+    from cliplab.train.worker import train_loop_per_worker as loop
+
+    return loop(config)
 
 
 def ingest_options():
