@@ -23,11 +23,13 @@ import pytest
 from cliplab.config import ExperimentConfig, with_overrides
 from cliplab.errors import ConfigError
 from cliplab.tune.capacity import (
+    TRIAL_DRIVER,
     Capacity,
     NodeType,
     check_capacity,
     node_types_from_config,
     parse_resources,
+    trials_that_fit,
     wait_for_capacity,
 )
 
@@ -70,6 +72,21 @@ def test_trials_beyond_what_the_cluster_scales_to_can_never_run():
         check_capacity(_gpu_cfg(), 5, Capacity(HEAD, [HEAD], [GPU_NODE], autoscaling=True))
     # an autoscaler whose node types are unknown (KubeRay's sidecar): only "not yet" can be said
     assert check_capacity(_gpu_cfg(workers=3, gpus=1), 5, Capacity(HEAD, [HEAD], [], autoscaling=True))
+
+
+def test_a_sweep_left_open_runs_as_many_trials_at_once_as_the_cluster_holds():
+    """``max_concurrent_trials`` None: the trials' workers decide (a trial's driver holds no CPU)."""
+    from cliplab.tune.sweep import Optuna, RandomSearch
+
+    two = with_overrides(ExperimentConfig(), {"train.num_workers": 2, "train.cpus_per_worker": 0.5})
+    assert trials_that_fit(two, HEAD, limit=5) == 2
+    assert trials_that_fit(with_overrides(two, {"train.num_workers": 1}), HEAD, limit=5) == 4
+    assert trials_that_fit(two, HEAD, limit=1) == 1  # never more than the sweep's trials
+    assert trials_that_fit(two, {"CPU": 0.5}, limit=5) == 1  # at least one: the capacity check says the rest
+    assert trials_that_fit(_gpu_cfg(workers=2, gpus=1), {"CPU": 18.0, "GPU": 3.0}, limit=8) == 1
+    assert trials_that_fit(_gpu_cfg(), {"CPU": 18.0, "GPU": 2.0}, limit=8) == 4
+    assert TRIAL_DRIVER.get("cpu", 0) == 0 and any(v > 0 for v in TRIAL_DRIVER.values())  # a valid Tune bundle
+    assert RandomSearch().concurrent(3) == 3 and Optuna().concurrent(3) == 1  # Optuna learns from each result
 
 
 def test_the_node_types_of_an_autoscaler_config():

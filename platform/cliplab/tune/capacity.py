@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 MAX_NODE_ENV = "CLIPLAB_MAX_NODE_RESOURCES"
 SCALE_UP_TIMEOUT_ENV = "CLIPLAB_SCALE_UP_TIMEOUT_S"
 EPS = 1e-9
+# a Tune trial's driver only waits on its TorchTrainer: it holds no CPU, so that trials pack as
+# their workers allow (two trials of 2 × 0.5 CPU on 2 CPUs); a bundle may not be all zeros, hence 1 MB
+TRIAL_DRIVER = {"cpu": 0, "memory": 1_000_000}
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,17 @@ def worker_bundle(cfg) -> dict[str, float]:
 def trial_resources(cfg) -> dict[str, float]:
     """What one trial's TorchTrainer holds: its workers (the trial's driver needs ~nothing)."""
     return {k: v * cfg.train.num_workers for k, v in worker_bundle(cfg).items()}
+
+
+def trials_that_fit(cfg, total: dict[str, float], limit: int) -> int:
+    """How many trials of ``cfg`` the resources ``total`` (``ray.cluster_resources()``) hold at
+    once, by their workers' CPUs and GPUs (a trial's driver holds none): at least 1, at most
+    ``limit``. What a sweep runs concurrently when ``max_concurrent_trials`` is None, as Ray Tune
+    packs trials by default."""
+    need = trial_resources(cfg)
+    fits = min((int((total.get(kind, 0.0) + EPS) // amount) for kind, amount in need.items() if amount > 0),
+               default=limit)
+    return max(1, min(limit, fits))
 
 
 def _fits(need: dict[str, float], have: dict[str, float]) -> bool:

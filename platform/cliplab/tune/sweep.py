@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from cliplab.config import ExperimentConfig, load_python_file, parse_override, validate, with_overrides
 from cliplab.errors import ConfigError
-from cliplab.tune.capacity import SCALE_UP_TIMEOUT_ENV
+from cliplab.tune.capacity import SCALE_UP_TIMEOUT_ENV, TRIAL_DRIVER
 
 #: the least time between the driver's uploads of trial results and TensorBoard event files to
 #: remote storage (Tune's default is 300 s): most of what `cliplab dashboard` on an S3 sweep lags by
@@ -65,6 +65,9 @@ class SearchAlgorithm(Protocol):
     def check(self, space: dict[str, Any]) -> None:
         """Refuse a space this algorithm cannot search (before any Ray work)."""
 
+    def concurrent(self, fits: int) -> int:
+        """How many trials to run at once when the sweep leaves it open and ``fits`` fit the cluster."""
+
 
 @dataclass(frozen=True)
 class RandomSearch:
@@ -75,6 +78,9 @@ class RandomSearch:
 
     def check(self, space: dict[str, Any]) -> None:
         return None
+
+    def concurrent(self, fits: int) -> int:
+        return fits  # its proposals do not depend on results: fill the cluster
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ class Optuna:
                 raise ConfigError(f"search space '{key}': Optuna samples distributions and cannot search a "
                                   "grid_search; use tune.choice([...]) instead")
 
+    def concurrent(self, fits: int) -> int:
+        return 1  # each proposal learns from every finished trial
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -111,6 +120,10 @@ class Sweep:
     takes ``train.num_workers`` × (``train.cpus_per_worker`` CPUs, ``train.gpus_per_worker`` GPUs);
     ``max_concurrent_trials`` of them must fit the cluster it can scale to (checked before launching;
     on an autoscaling cluster the sweep waits up to ``scale_up_timeout_s`` for one trial to fit).
+    ``max_concurrent_trials`` None (the default) runs as many trials at once as the cluster holds
+    when the sweep starts (Ray Tune's own default packs trials the same way): on 2 CPUs, two trials
+    of 2 workers × 0.5 CPU, so one trial's start-up overlaps another's steps. Optuna runs one at a
+    time unless told otherwise. On a cluster that autoscales from zero, set it to what the fleet holds.
     """
 
     base: ExperimentConfig
@@ -118,7 +131,7 @@ class Sweep:
     metric: str = "val/image_to_text_R1"
     mode: str = "max"
     num_samples: int = 1
-    max_concurrent_trials: int = 1
+    max_concurrent_trials: int | None = None  # None: as many as the cluster holds (see above)
     register_as: str | None = None  # MLflow registered model name for the best trial
     alias: str = "champion"
     hypothesis: str = ""
@@ -262,8 +275,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     # checkpoint and per-epoch reports come before the first eval, so not every result has the metric
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(address)
-    wait_for_capacity(sweep.base, min(sweep.max_concurrent_trials, sweep.num_trials) or 1,
-                      timeout_s=sweep.scale_up_timeout_s, max_node=sweep.max_node_resources)
+    sweep = dataclasses.replace(sweep, max_concurrent_trials=concurrent_trials(sweep))
+    wait_for_capacity(sweep.base, sweep.max_concurrent_trials, timeout_s=sweep.scale_up_timeout_s,
+                      max_node=sweep.max_node_resources)
     planned_steps(sweep.base, prep)  # the base's index, on the driver: fewer samples than a batch fail here
     storage = storage_kwargs(sweep.base)
     path = sweep_dir(sweep)
@@ -271,7 +285,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     # no resolved sources in prep_fields: a trial may change data.train, so it resolves its own
     trainable = tune.with_resources(tune.with_parameters(
         _trial, base=sweep.base, prep_fields={"train": prep.train, "val": prep.val}, sweep=sweep.name,
-        parent_run_id=parent.run_id, allow_data_change=allow_data_change), {"cpu": 0.01})  # the driver only waits on its TorchTrainer
+        parent_run_id=parent.run_id, allow_data_change=allow_data_change), TRIAL_DRIVER)
     grid = _tuner(sweep, trainable, path, storage, resume=resume).fit()
     rows, errors, curves = _collect(grid, sweep, total=lambda params: planned_steps(with_overrides(sweep.base, params)))
     best = _best(rows, sweep)
@@ -285,6 +299,21 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, register: bool = True
     parent.finish(sweep, rows, best, files, registered)
     return SweepOutcome(rows, best, registered, errors, files=files, parent_run_id=parent.run_id,
                         registration_error=registration_error, summary=summary)
+
+
+def concurrent_trials(sweep: Sweep) -> int:
+    """``sweep.max_concurrent_trials``, or when it is None as many trials as the connected cluster
+    holds now (:func:`~cliplab.tune.capacity.trials_that_fit`; one for a search that learns from
+    finished trials, see :meth:`SearchAlgorithm.concurrent`), never more than the sweep's trials."""
+    import ray
+
+    from cliplab.tune.capacity import trials_that_fit
+
+    trials = sweep.num_trials or sweep.num_samples
+    if sweep.max_concurrent_trials is not None:
+        return max(1, min(sweep.max_concurrent_trials, trials))
+    total = {k: float(v) for k, v in ray.cluster_resources().items()}
+    return sweep.search.concurrent(trials_that_fit(sweep.base, total, trials))
 
 
 def register_best(sweep: Sweep, best: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
