@@ -41,18 +41,17 @@ demo-quick: setup
 
 # Two lanes at once. Lane B: the tests that start services (Ray, S3, MLflow) and the slow end-to-end
 # runs; they leave about 40% of two cores idle while Ray starts its processes (docs/PERFORMANCE.md).
-# Lane A, beside it: the in-process tests (CPU-bound, no services), then the tracking tests that use
+# Lane A, beside it at the lowest CPU priority (tests/lane_a.sh says how): the in-process tests
+# (CPU-bound, no services), then the tracking tests that use
 # the mlflow_server fixture once more, with mlflow on a throwaway Postgres (Debian's postgresql,
 # started by the tests on a free port) instead of sqlite. Lane A's output is printed at the end.
 SERVICE_TESTS := ray or s3 or mlflow or slow
 LANE_A_LOG    := $(VENV)/lane-a.log
 test: setup
 	$(BIN)/ruff check platform tests bench sweeps
-	@( OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -m "not ($(SERVICE_TESTS))" --basetemp=/tmp/cliplab-tests-lane-a && \
-	   CLIPLAB_TEST_MLFLOW_BACKEND=postgres $(BIN)/pytest -m "not slow" --basetemp=/tmp/cliplab-tests-postgres \
-	     tests/test_tracking.py tests/test_postgres.py ) > $(LANE_A_LOG) 2>&1 & lane_a_pid=$$!; \
-	trap 'kill $$lane_a_pid 2>/dev/null' INT TERM; \
-	echo "lane A (in-process tests, then the Postgres pass) runs in the background: $(LANE_A_LOG)"; \
+	@setsid sh tests/lane_a.sh $(BIN) "$(SERVICE_TESTS)" > $(LANE_A_LOG) 2>&1 & lane_a_pid=$$!; \
+	trap 'kill -- -$$lane_a_pid 2>/dev/null' INT TERM; \
+	echo "lane A (in-process tests, then the Postgres pass; lowest CPU priority) runs in the background: $(LANE_A_LOG)"; \
 	$(BIN)/pytest -m "$(SERVICE_TESTS)"; lane_b=$$?; \
 	wait $$lane_a_pid; lane_a=$$?; \
 	echo "===== lane A: in-process tests, then the Postgres pass (ran beside the tests above) ====="; \
