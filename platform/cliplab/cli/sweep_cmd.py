@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on an autoscaling cluster, how long to wait for room for one trial before giving up "
                         "(default: the sweep's scale_up_timeout_s, 900, or CLIPLAB_SCALE_UP_TIMEOUT_S)")
     p.add_argument("--max-concurrent-trials", type=int, default=None, metavar="N",
-                   help="run up to N trials at once (default: the sweep file's max_concurrent_trials); on a small "
-                        "machine 2 overlap one trial's start-up with another's steps; each must fit the cluster")
+                   help="run up to N trials at once (default: the sweep file's max_concurrent_trials, or as many "
+                        "as the cluster holds when it sets none); each must fit the cluster")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones restart "
                         "from their checkpoints")
