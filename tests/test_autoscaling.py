@@ -75,17 +75,18 @@ def test_trials_beyond_what_the_cluster_scales_to_can_never_run():
 
 
 def test_a_sweep_left_open_runs_as_many_trials_at_once_as_the_cluster_holds():
-    """``max_concurrent_trials`` None: the trials' workers decide (a trial's driver holds no CPU)."""
+    """``max_concurrent_trials`` None: the trials' workers and drivers (0.01 CPU each) decide."""
     from cliplab.tune.sweep import Optuna, RandomSearch
 
     two = with_overrides(ExperimentConfig(), {"train.num_workers": 2, "train.cpus_per_worker": 0.5})
-    assert trials_that_fit(two, HEAD, limit=5) == 2
-    assert trials_that_fit(with_overrides(two, {"train.num_workers": 1}), HEAD, limit=5) == 4
-    assert trials_that_fit(two, HEAD, limit=1) == 1  # never more than the sweep's trials
+    assert trials_that_fit(two, {"CPU": 4.0}, limit=5) == 3  # 1.01 CPU a trial
+    assert trials_that_fit(two, HEAD, limit=5) == 1
+    assert trials_that_fit(with_overrides(two, {"train.num_workers": 1}), HEAD, limit=5) == 3
+    assert trials_that_fit(two, {"CPU": 8.0}, limit=2) == 2  # never more than the sweep's trials
     assert trials_that_fit(two, {"CPU": 0.5}, limit=5) == 1  # at least one: the capacity check says the rest
     assert trials_that_fit(_gpu_cfg(workers=2, gpus=1), {"CPU": 18.0, "GPU": 3.0}, limit=8) == 1
     assert trials_that_fit(_gpu_cfg(), {"CPU": 18.0, "GPU": 2.0}, limit=8) == 4
-    assert TRIAL_DRIVER.get("cpu", 0) == 0 and any(v > 0 for v in TRIAL_DRIVER.values())  # a valid Tune bundle
+    assert TRIAL_DRIVER["cpu"] > 0  # keeps trial drivers off a KubeRay head started with num-cpus 0
     assert RandomSearch().concurrent(3) == 3 and Optuna().concurrent(3) == 1  # Optuna learns from each result
 
 

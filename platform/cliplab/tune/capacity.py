@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 MAX_NODE_ENV = "CLIPLAB_MAX_NODE_RESOURCES"
 SCALE_UP_TIMEOUT_ENV = "CLIPLAB_SCALE_UP_TIMEOUT_S"
 EPS = 1e-9
-# a Tune trial's driver only waits on its TorchTrainer: it holds no CPU, so that trials pack as
-# their workers allow (two trials of 2 × 0.5 CPU on 2 CPUs); a bundle may not be all zeros, hence 1 MB
-TRIAL_DRIVER = {"cpu": 0, "memory": 1_000_000}
+# a Tune trial's driver only waits on its TorchTrainer, but it needs a CPU node: a KubeRay head
+# started with num-cpus 0 keeps trial drivers (each a Python process with torch) off the head
+TRIAL_DRIVER = {"cpu": 0.01}
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,11 @@ def trial_resources(cfg) -> dict[str, float]:
 
 def trials_that_fit(cfg, total: dict[str, float], limit: int) -> int:
     """How many trials of ``cfg`` the resources ``total`` (``ray.cluster_resources()``) hold at
-    once, by their workers' CPUs and GPUs (a trial's driver holds none): at least 1, at most
-    ``limit``. What a sweep runs concurrently when ``max_concurrent_trials`` is None, as Ray Tune
-    packs trials by default."""
+    once, by their workers' CPUs and GPUs and their drivers' CPU (:data:`TRIAL_DRIVER`): at least
+    1, at most ``limit``. What a sweep runs concurrently when ``max_concurrent_trials`` is None, as
+    Ray Tune packs trials by default."""
     need = trial_resources(cfg)
+    need["CPU"] = need.get("CPU", 0.0) + TRIAL_DRIVER["cpu"]
     fits = min((int((total.get(kind, 0.0) + EPS) // amount) for kind, amount in need.items() if amount > 0),
                default=limit)
     return max(1, min(limit, fits))

@@ -121,9 +121,9 @@ class Sweep:
     ``max_concurrent_trials`` of them must fit the cluster it can scale to (checked before launching;
     on an autoscaling cluster the sweep waits up to ``scale_up_timeout_s`` for one trial to fit).
     ``max_concurrent_trials`` None (the default) runs as many trials at once as the cluster holds
-    when the sweep starts (Ray Tune's own default packs trials the same way): on 2 CPUs, two trials
-    of 2 workers × 0.5 CPU, so one trial's start-up overlaps another's steps. Optuna runs one at a
-    time unless told otherwise. On a cluster that autoscales from zero, set it to what the fleet holds.
+    when the sweep starts (Ray Tune's own default packs trials the same way): on 2 CPUs, three
+    trials of 1 worker × 0.5 CPU (each trial's driver holds 0.01 CPU). Optuna runs one at a time
+    unless told otherwise. On a cluster that autoscales from zero, set it to what the fleet holds.
     """
 
     base: ExperimentConfig
