@@ -49,8 +49,8 @@ SERVICE_TESTS := ray or s3 or mlflow or slow
 LANE_A_LOG    := $(VENV)/lane-a.log
 test: setup
 	$(BIN)/ruff check platform tests bench sweeps
-	@setsid sh tests/lane_a.sh $(BIN) "$(SERVICE_TESTS)" > $(LANE_A_LOG) 2>&1 & lane_a_pid=$$!; \
-	trap 'kill -- -$$lane_a_pid 2>/dev/null' INT TERM; \
+	@$$(command -v setsid) sh tests/lane_a.sh $(BIN) "$(SERVICE_TESTS)" > $(LANE_A_LOG) 2>&1 & lane_a_pid=$$!; \
+	trap 'kill -- -$$lane_a_pid 2>/dev/null || kill $$lane_a_pid 2>/dev/null' INT TERM; \
 	echo "lane A (in-process tests, then the Postgres pass; lowest CPU priority) runs in the background: $(LANE_A_LOG)"; \
 	$(BIN)/pytest -m "$(SERVICE_TESTS)"; lane_b=$$?; \
 	wait $$lane_a_pid; lane_a=$$?; \
